@@ -1,0 +1,1 @@
+"""gradax.experiments: the absl runner, built-in tasks and the benchmark harness."""

@@ -1,0 +1,1 @@
+"""Benchmarks run by `python -m gradax.experiments.bench NAME`; one module per benchmark."""

@@ -1,0 +1,1 @@
+"""Plain-Python experiment configs for `gradax.experiments.run --config=...`."""
