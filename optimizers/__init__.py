@@ -21,3 +21,18 @@ from gradax.optimizers.adadagrad import (
     adadagrad_controller, per_example_grad_stats, norm_test,
     batch_size_for_next_step, GradStats, AdaptiveBatchState,
     BatchSizeController)
+
+# Memory-efficient optimizers.
+from gradax.optimizers.microadam import (
+    microadam, scale_by_microadam, MicroAdamState)
+from gradax.optimizers.frugal import frugal, scale_by_frugal, FrugalState
+from gradax.optimizers.apollo import (
+    apollo, apollo_mini, scale_by_apollo, ApolloState)
+from gradax.optimizers.subset_norm import (
+    subset_norm_adagrad, subspace_momentum, subset_norm_subspace_momentum,
+    scale_by_subset_norm, scale_by_subspace_momentum,
+    scale_by_subset_norm_subspace_momentum, SubsetNormState)
+from gradax.optimizers.grass import grass, scale_by_grass, GrassState
+from gradax.optimizers.natural_galore import (
+    natural_galore, scale_by_natural_galore, scale_by_woodbury_fisher,
+    WoodburyFisherState)
