@@ -10,3 +10,20 @@ from gradax.distributed.data_parallel import (
     data_parallel, mean_reducer, robust_reducer)
 from gradax.distributed.local_sgd import LocalUpdateState, local_sgd
 from gradax.distributed.diloco import diloco
+from gradax.distributed.demo import demo, scale_by_demo
+from gradax.distributed.just_one_byte import just_one_byte
+from gradax.distributed import robust
+from gradax.distributed.robust import (
+    coordinate_median, flag_aggregator, krum, trimmed_mean)
+from gradax.distributed import stragglers
+from gradax.distributed.stragglers import (
+    DynamicBackupWorkers, GradientCode, TimeModel)
+from gradax.distributed.compressors import (
+    Compressor, cast, identity, int8, int_quantize, onebit, qsgd, rand_k,
+    scaled_sign, terngrad, top_k)
+from gradax.distributed.powersgd import powersgd
+from gradax.distributed.dct import dct_topk
+from gradax.distributed.collectives import (
+    PmeanState, axis_size, compressed_pmean, compressed_pmean_init)
+from gradax.distributed.comm_bytes import (
+    CommBytes, comm_bytes, hlo_collectives, jaxpr_collectives)

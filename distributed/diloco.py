@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from gradax.distributed import data_parallel as dp
-from gradax.distributed import local_sgd as lsgd
+from gradax.distributed.data_parallel import (
+    TrainAlgorithm, as_reducer, num_elements, reduce_tree)
+from gradax.distributed.local_sgd import (Sync, local_update, tree_sub)
 
 
 def default_outer_optimizer(learning_rate: float = 0.7,
@@ -34,7 +35,7 @@ def default_outer_optimizer(learning_rate: float = 0.7,
 
 
 def outer_sync(outer: optax.GradientTransformation, reducer: Any = "mean",
-               axis_name: str = "data") -> lsgd.Sync:
+               axis_name: str = "data") -> Sync:
   """The DiLoCo sync: reduce the pseudo-gradients, one outer step, reset.
 
   Args:
@@ -46,7 +47,7 @@ def outer_sync(outer: optax.GradientTransformation, reducer: Any = "mean",
     A :class:`~gradax.distributed.local_sgd.Sync` whose replicated state is
     ``(global_params, outer_state)``.
   """
-  red = dp.as_reducer(reducer)
+  red = as_reducer(reducer)
   if red is None:
     raise ValueError("reducer=None is not allowed for DiLoCo's outer sync.")
 
@@ -54,19 +55,19 @@ def outer_sync(outer: optax.GradientTransformation, reducer: Any = "mean",
     return params, outer.init(params)
 
   def init_replica(params):
-    return red.init(jnp.zeros((dp.num_elements(params),), jnp.float32),
+    return red.init(jnp.zeros((num_elements(params),), jnp.float32),
                     axis_name)
 
   def sync(params, inner_state, s, r, step):
     del step
     global_params, outer_state = s
-    delta = lsgd.tree_sub(global_params, params)
-    delta, r = dp.reduce_tree(red, delta, r, axis_name)
+    delta = tree_sub(global_params, params)
+    delta, r = reduce_tree(red, delta, r, axis_name)
     upd, outer_state = outer.update(delta, outer_state, global_params)
     global_params = optax.apply_updates(global_params, upd)
     return global_params, inner_state, (global_params, outer_state), r
 
-  return lsgd.Sync(init, init_replica, sync, lambda s: s[0], red.nbytes)
+  return Sync(init, init_replica, sync, lambda s: s[0], red.nbytes)
 
 
 def diloco(
@@ -79,7 +80,7 @@ def diloco(
     compressor: Any = None,
     axis_name: str = "data",
     microbatches: int = 1,
-) -> dp.TrainAlgorithm:
+) -> TrainAlgorithm:
   """DiLoCo: H inner steps per replica, then an outer step on Δ̄.
 
   Update, per round: θ_m ← InnerOpt^H(θ_global) on replica m;
@@ -112,7 +113,7 @@ def diloco(
   outer = default_outer_optimizer() if outer_optimizer is None else (
       outer_optimizer)
   reducer = "mean" if compressor is None else compressor
-  return lsgd.local_update(
+  return local_update(
       "diloco", loss_fn, inner_optimizer, mesh,
       outer_sync(outer, reducer, axis_name), sync_every,
       axis_name=axis_name, microbatches=microbatches)

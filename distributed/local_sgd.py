@@ -31,7 +31,9 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from gradax.distributed import data_parallel as dp
+from gradax.distributed.data_parallel import (
+    TrainAlgorithm, _check_microbatches, as_reducer, init_per_replica,
+    local_grad, num_elements, place_batch, reduce_tree)
 from gradax.distributed import sharding as sh
 
 
@@ -102,7 +104,7 @@ def local_update(
     *,
     axis_name: str = "data",
     microbatches: int = 1,
-) -> dp.TrainAlgorithm:
+) -> TrainAlgorithm:
   """Builds a local-update algorithm from an inner optimizer and a sync.
 
   Args:
@@ -122,11 +124,11 @@ def local_update(
   """
   H = check_period(sync_every)
   n = sh.axis_size(mesh, axis_name)
-  microbatches = dp._check_microbatches(microbatches)  # pylint: disable=protected-access
+  microbatches = _check_microbatches(microbatches)  # pylint: disable=protected-access
   cache = {}
 
   def inner_step(params, inner_state, batch):
-    loss, g = dp.local_grad(loss_fn, params, batch, microbatches)
+    loss, g = local_grad(loss_fn, params, batch, microbatches)
     upd, inner_state = inner.update(g, inner_state, params)
     return optax.apply_updates(params, upd), inner_state, loss
 
@@ -223,13 +225,13 @@ def local_update(
         sync.init(params), (), jnp.zeros((), jnp.int32))
     state = sh.place(state, mesh,
                      state_specs._replace(replica_sync_state=()), axis_name)
-    r = dp.init_per_replica(lambda: sync.init_replica(params), mesh,
+    r = init_per_replica(lambda: sync.init_replica(params), mesh,
                             axis_name)
     return state._replace(replica_sync_state=r)
 
   def step(state, batch):
     _, jitted, _ = get(one_replica(state))
-    state, losses = jitted(state, dp.place_batch(batch, mesh, axis_name))
+    state, losses = jitted(state, place_batch(batch, mesh, axis_name))
     return state, {"loss": jnp.mean(losses)}
 
   def round_(state, batches):
@@ -250,7 +252,7 @@ def local_update(
     return sync.eval_params(state.sync_state)
 
   def bytes_per_step(params):
-    return float(sync.nbytes(dp.num_elements(params), n)) / H
+    return float(sync.nbytes(num_elements(params), n)) / H
 
   # Introspection (HLO tests, byte counters): the jitted programs taking
   # already-placed inputs.
@@ -259,24 +261,24 @@ def local_update(
   round_.place = lambda batches: sh.place(
       batches, mesh, jax.tree.map(lambda _: P(None, axis_name), batches),
       axis_name)
-  alg = dp.TrainAlgorithm(name, init, step, eval_params, bytes_per_step, mesh,
+  alg = TrainAlgorithm(name, init, step, eval_params, bytes_per_step, mesh,
                           axis_name, round_, H)
   return alg
 
 
 def averaging_sync(reducer: Any = "mean", axis_name: str = "data") -> Sync:
   """Local SGD's sync: every replica takes the (reduced) mean of the params."""
-  red = dp.as_reducer(reducer)
+  red = as_reducer(reducer)
   if red is None:
     raise ValueError("reducer=None is not allowed for parameter averaging.")
 
   def init_replica(params):
-    return red.init(jnp.zeros((dp.num_elements(params),), jnp.float32),
+    return red.init(jnp.zeros((num_elements(params),), jnp.float32),
                     axis_name)
 
   def sync(params, inner_state, s, r, step):
     del s, step
-    params, r = dp.reduce_tree(red, params, r, axis_name)
+    params, r = reduce_tree(red, params, r, axis_name)
     return params, inner_state, params, r
 
   return Sync(lambda params: params, init_replica, sync, lambda s: s,
@@ -292,7 +294,7 @@ def local_sgd(
     reducer: Any = "mean",
     axis_name: str = "data",
     microbatches: int = 1,
-) -> dp.TrainAlgorithm:
+) -> TrainAlgorithm:
   """Local SGD: H local steps per replica, then parameter averaging.
 
   Update: each replica m runs θ_m ← θ_m + U(∇L_m(θ_m)) for H steps, then
