@@ -1,0 +1,51 @@
+"""Default experiment: AdamW against the gradax optimizers on char_lm.
+
+``make run`` uses this file::
+
+  python -m gradax.experiments.run --config=experiments/configs/default.py \
+      --config.steps=300 --optimizer=adamw,shampoo:block_size=64
+
+Adding an optimizer to the default comparison: add ONE line to ``OPTIMIZERS``
+(a spec string, see ``gradax.experiments.run`` for the ``name:key=value``
+syntax) and ONE line to ``LEARNING_RATES`` with its tuned per-task learning
+rates. Names are looked up in ``gradax.optimizers`` first, then ``optax``.
+"""
+
+import ml_collections
+
+# The optimizers compared by default, one spec per line.
+OPTIMIZERS = (
+    "adamw",
+)
+
+# Tuned learning rates: optimizer name -> {task name -> learning rate}.
+# A missing (optimizer, task) pair falls back to DEFAULT_LEARNING_RATE with a
+# warning. One line per optimizer.
+LEARNING_RATES = {
+    "adamw": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
+}
+
+DEFAULT_LEARNING_RATE = 1e-3
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default configuration (every runner field lives here)."""
+  c = ml_collections.ConfigDict()
+  c.task = "char_lm"            # "name" or "name:option=value:..."
+  c.optimizers = ",".join(OPTIMIZERS)  # comma-separated optimizer specs
+  c.steps = 300
+  c.batch_size = 32
+  c.learning_rate = 0.0         # > 0 overrides the table for every optimizer
+  c.learning_rates = {k: dict(v) for k, v in LEARNING_RATES.items()}
+  c.default_learning_rate = DEFAULT_LEARNING_RATE
+  c.seed = 0
+  c.mesh = "data=-1"            # all devices on the data axis
+  c.num_cpu_devices = 8         # CPU backend devices (0: leave JAX's default)
+  c.workdir = "runs/default"
+  c.log_every = 10
+  c.eval_every = 50
+  c.checkpoint_every = 100      # 0 disables checkpoints
+  c.keep_checkpoints = 2
+  c.progress = True
+  c.stop_after_step = 0         # > 0: stop there as if killed (for resume tests)
+  return c
