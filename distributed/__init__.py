@@ -12,6 +12,11 @@ from gradax.distributed.local_sgd import LocalUpdateState, local_sgd
 from gradax.distributed.diloco import diloco
 from gradax.distributed.demo import demo, scale_by_demo
 from gradax.distributed.just_one_byte import just_one_byte
+from gradax.distributed.streaming_diloco import streaming_diloco
+from gradax.distributed.eager_updates import eager_diloco
+from gradax.distributed.co2 import co2
+from gradax.distributed import algorithms
+from gradax.distributed.algorithms import ALGORITHMS
 from gradax.distributed import robust
 from gradax.distributed.robust import (
     coordinate_median, flag_aggregator, krum, trimmed_mean)

@@ -67,7 +67,7 @@ def outer_sync(outer: optax.GradientTransformation, reducer: Any = "mean",
     global_params = optax.apply_updates(global_params, upd)
     return global_params, inner_state, (global_params, outer_state), r
 
-  return Sync(init, init_replica, sync, lambda s: s[0], red.nbytes)
+  return Sync(init, init_replica, sync, lambda s, r: s[0], red.nbytes)
 
 
 def diloco(

@@ -68,7 +68,8 @@ class Sync(NamedTuple):
       ``sync(params, inner_state, sync_state, replica_sync_state, step) ->
       (params, inner_state, sync_state, replica_sync_state)``, where ``step``
       counts inner steps done (including the one just taken).
-    eval_params: ``eval_params(sync_state) -> params`` (replicated).
+    eval_params: ``eval_params(sync_state, replica_sync_state) -> params``
+      (at the jit level; per-replica state keeps its leading axis).
     nbytes: ``nbytes(d, n) -> float`` per-device bytes of one sync period.
     every_step: call ``sync`` after every inner step (it schedules itself)
       instead of once every ``period`` steps.
@@ -249,7 +250,7 @@ def local_update(
     return state, {"loss": jnp.mean(losses)}
 
   def eval_params(state):
-    return sync.eval_params(state.sync_state)
+    return sync.eval_params(state.sync_state, state.replica_sync_state)
 
   def bytes_per_step(params):
     return float(sync.nbytes(num_elements(params), n)) / H
@@ -281,7 +282,7 @@ def averaging_sync(reducer: Any = "mean", axis_name: str = "data") -> Sync:
     params, r = reduce_tree(red, params, r, axis_name)
     return params, inner_state, params, r
 
-  return Sync(lambda params: params, init_replica, sync, lambda s: s,
+  return Sync(lambda params: params, init_replica, sync, lambda s, r: s,
               red.nbytes)
 
 
