@@ -115,3 +115,24 @@ def explicit_sharding(x: Any) -> Any:
   if all(s is None for s in spec):
     return None
   return sharding
+
+
+def stacked_zeros_like(tree: Any, k: int, dtype: Any | None = None) -> Any:
+  """Zeros like `tree` with a new leading axis of size `k` on every leaf.
+
+  Built by broadcasting `zeros_like(leaf)`, so under an explicit mesh each
+  buffer keeps its leaf's sharding on the trailing axes.
+
+  Args:
+    tree: a pytree of arrays.
+    k: size of the new leading axis.
+    dtype: optional dtype; defaults to each leaf's dtype.
+
+  Returns:
+    A pytree of arrays of shape `(k, *leaf.shape)`.
+  """
+  def one(x):
+    z = jnp.zeros_like(x, dtype=dtype)
+    return jnp.broadcast_to(z[None], (k,) + z.shape)
+
+  return jax.tree.map(one, tree)

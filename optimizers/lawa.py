@@ -84,9 +84,7 @@ def lawa(
         count=jnp.zeros([], jnp.int32),
         write_index=jnp.zeros([], jnp.int32),
         num_filled=jnp.zeros([], jnp.int32),
-        checkpoints=jax.tree.map(
-            lambda p: jnp.zeros((k,) + jnp.shape(p), jnp.asarray(p).dtype),
-            params),
+        checkpoints=_tree.stacked_zeros_like(params, k),
         inner_state=base_optimizer.init(params),
     )
 

@@ -96,9 +96,7 @@ def scale_by_multi_momentum(
     k = int(num_clusters)
     return ScaleByMultiMomentumState(
         count=jnp.zeros([], jnp.int32),
-        momenta=jax.tree.map(
-            lambda p: jnp.zeros((k,) + jnp.shape(p), jnp.asarray(p).dtype),
-            params),
+        momenta=_tree.stacked_zeros_like(params, k),
     )
 
   def update_fn(updates, state, params=None, *, cluster_grads=None,
