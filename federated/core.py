@@ -190,8 +190,8 @@ def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
   Returns:
     ``ClientOutput(params=y, num_steps, mean_loss)``.
   """
-  leaves = jax.tree.leaves(examples_k)
-  m = leaves[0].shape[0]
+  examples_k = jax.tree.map(jnp.asarray, examples_k)
+  m = jax.tree.leaves(examples_k)[0].shape[0]
   if max_steps is None:
     max_steps = cfg.max_steps(m)
   n_k = jnp.asarray(n_k, jnp.int32)
@@ -292,8 +292,9 @@ def map_clients(fn: Callable, in_axes, mesh=None,
         jax.tree.map(lambda l, s=s: jax.sharding.reshard(
             l, NamedSharding(mesh, P(*s, *([None] * (l.ndim - len(s)))))), x)
         for x, s in zip(args, specs))
+    # check_vma off: replicated params become per-client carries in scan
     return jax.shard_map(vf, mesh=mesh, in_specs=specs,
-                         out_specs=P(axis_name))(*placed)
+                         out_specs=P(axis_name), check_vma=False)(*placed)
 
   return mapped
 
