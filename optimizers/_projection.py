@@ -14,6 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gradax.optimizers import _tree
+from gradax.optimizers._tree import check_range  # re-exported for modules here
+
 
 def matrix_shape(shape) -> tuple[int, int] | None:
   """The ``(m, n)`` matrix view of a leaf shape, or ``None`` below 2 dims."""
@@ -130,32 +133,14 @@ def keep_sharding(new: Any, old: Any) -> Any:
       have = jax.typeof(n).sharding
     except AttributeError:
       return n
-    if want.mesh.empty or have.spec == want.spec:
+    mesh = getattr(want, "mesh", None)
+    if mesh is None or mesh.empty or not any(
+        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      return n
+    if have.spec == want.spec:
       return n
     return jax.sharding.reshard(n, want.spec)
   return jax.tree.map(pin, new, old)
-
-
-def check_range(name: str, value: Any, low: float, high: float,
-                low_inclusive: bool = True,
-                high_inclusive: bool = True) -> None:
-  """Raises ``ValueError`` if a concrete ``value`` lies outside the range.
-
-  Traced values (e.g. under ``optax.inject_hyperparams``) are not checked.
-  """
-  if isinstance(value, jax.core.Tracer):
-    return
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    return
-  ok_low = v >= low if low_inclusive else v > low
-  ok_high = v <= high if high_inclusive else v < high
-  if not (ok_low and ok_high):
-    lb = "[" if low_inclusive else "("
-    hb = "]" if high_inclusive else ")"
-    raise ValueError(
-        f"{name} must be in {lb}{low}, {high}{hb}, got {value!r}.")
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -188,3 +173,34 @@ def adam_direction(mu, nu, count, b1, b2, eps):
   mu_hat = mu / (1.0 - jnp.asarray(b1, jnp.float32) ** t)
   nu_hat = nu / (1.0 - jnp.asarray(b2, jnp.float32) ** t)
   return mu_hat / (jnp.sqrt(nu_hat) + eps)
+
+
+def _explicit_spec(x):
+  """The PartitionSpec of ``x`` if sharded over Explicit mesh axes."""
+  sharding = _tree.explicit_sharding(x)
+  return None if sharding is None else sharding.spec
+
+
+def replicate(tree: Any) -> Any:
+  """Gathers every leaf sharded over Explicit mesh axes to a replicated one.
+
+  The subspace optimizers here (SVD, top-k, row selection, subset norms)
+  compute per leaf on the whole matrix; under an explicit mesh they first
+  gather the gradient, then :func:`restore` the update to the gradient's
+  sharding. Outside an explicit mesh this is the identity.
+  """
+  def one(x):
+    if _explicit_spec(x) is None:
+      return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  return jax.tree.map(one, tree)
+
+
+def restore(tree: Any, like: Any) -> Any:
+  """Reshards each leaf of ``tree`` to the sharding of ``like``'s leaf."""
+  def one(x, ref):
+    spec = _explicit_spec(ref)
+    if spec is None or _explicit_spec(x) == spec:
+      return x
+    return jax.sharding.reshard(x, spec)
+  return jax.tree.map(one, tree, like)

@@ -149,7 +149,8 @@ def scale_by_apollo(
     epoch = state.count // update_proj_gap
     refresh = state.count % update_proj_gap == 0
 
-    leaves, treedef = jax.tree.flatten(updates)
+    grads_in = updates
+    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     norms = treedef.flatten_up_to(state.prev_norm)
@@ -202,7 +203,7 @@ def scale_by_apollo(
         prev_norm=treedef.unflatten(cols[3]),
         basis=treedef.unflatten(cols[4]))
     new_state = proj.keep_sharding(new_state, state)
-    return new_updates, new_state
+    return proj.restore(new_updates, grads_in), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

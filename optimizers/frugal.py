@@ -142,7 +142,8 @@ def scale_by_frugal(
     refresh = state.count % update_gap == 0
     local_count = state.count % update_gap + 1  # steps since re-selection
 
-    leaves, treedef = jax.tree.flatten(updates)
+    grads_in = updates
+    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     bases = treedef.flatten_up_to(state.basis)
@@ -194,7 +195,8 @@ def scale_by_frugal(
         mu=treedef.unflatten(cols[1]),
         nu=treedef.unflatten(cols[2]),
         basis=treedef.unflatten(cols[3]))
-    return treedef.unflatten(cols[0]), proj.keep_sharding(new_state, state)
+    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
+            proj.keep_sharding(new_state, state))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -143,7 +143,8 @@ def scale_by_grass(
     refresh = state.count % update_proj_gap == 0
     local_count = state.count % update_proj_gap + 1
 
-    leaves, treedef = jax.tree.flatten(updates)
+    grads_in = updates
+    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
     fields = [treedef.flatten_up_to(x) for x in
               (state.mu, state.nu, state.rows, state.row_scale)]
     out = []
@@ -173,7 +174,8 @@ def scale_by_grass(
 
     cols = list(zip(*out)) if out else [[]] * 5
     new_state = GrassState(count, *(treedef.unflatten(c) for c in cols[1:]))
-    return treedef.unflatten(cols[0]), proj.keep_sharding(new_state, state)
+    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
+            proj.keep_sharding(new_state, state))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

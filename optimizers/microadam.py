@@ -184,7 +184,8 @@ def scale_by_microadam(
     norm1 = 1.0 - b1_ ** filled.astype(jnp.float32)
     norm2 = 1.0 - b2_ ** filled.astype(jnp.float32)
 
-    leaves, treedef = jax.tree.flatten(updates)
+    grads_in = updates
+    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
     fields = [treedef.flatten_up_to(x) for x in
               (state.ef, state.ef_min, state.ef_max, state.indices,
                state.values)]
@@ -219,7 +220,8 @@ def scale_by_microadam(
     cols = list(zip(*out)) if out else [[]] * 6
     new_state = MicroAdamState(count,
                                *(treedef.unflatten(c) for c in cols[1:]))
-    return treedef.unflatten(cols[0]), proj.keep_sharding(new_state, state)
+    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
+            proj.keep_sharding(new_state, state))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

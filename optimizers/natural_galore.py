@@ -76,17 +76,22 @@ def scale_by_woodbury_fisher(
       hist = hist.at[slot].set(g32)
       gm = hist.reshape(history_size, -1)
       gv = g32.reshape(-1)
-      gram = gm @ gm.T + n * lam * jnp.eye(history_size)
-      coef = jnp.linalg.solve(gram, gm @ gv)
+      # eigh of the PSD Gram keeps (sλI + GGᵀ)^{-1} well-defined even when
+      # the gradients are large and λ small.
+      evals, evecs = jnp.linalg.eigh(gm @ gm.T)
+      inv = 1.0 / (n * lam + jnp.maximum(evals, 0.0))
+      coef = evecs @ (inv * (evecs.T @ (gm @ gv)))
       nat = (gv - gm.T @ coef) / lam
       return nat.reshape(g.shape).astype(g.dtype), hist
 
-    leaves, treedef = jax.tree.flatten(updates)
+    grads_in = updates
+    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
     hists = treedef.flatten_up_to(state.history)
     out = [leaf(g, h) for g, h in zip(leaves, hists)]
     cols = list(zip(*out)) if out else [[]] * 2
     new_state = WoodburyFisherState(count, treedef.unflatten(cols[1]))
-    return treedef.unflatten(cols[0]), proj.keep_sharding(new_state, state)
+    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
+            proj.keep_sharding(new_state, state))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -149,8 +154,10 @@ def scale_by_natural_galore(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    new_updates, new_state = inner.update(updates, state, params)
-    return new_updates, proj.keep_sharding(new_state, state)
+    new_updates, new_state = inner.update(
+        proj.replicate(updates), state, proj.replicate(params))
+    return (proj.restore(new_updates, updates),
+            proj.keep_sharding(new_state, state))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -182,7 +182,8 @@ def scale_by_subset_norm_subspace_momentum(
     local_count = state.count % update_proj_gap + 1
     t = count.astype(jnp.float32)
 
-    leaves, treedef = jax.tree.flatten(updates)
+    grads_in = updates
+    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
     fields = [treedef.flatten_up_to(x)
               for x in (state.mu, state.nu, state.basis)]
     out = []
@@ -229,7 +230,8 @@ def scale_by_subset_norm_subspace_momentum(
     cols = list(zip(*out)) if out else [[]] * 4
     new_state = SubsetNormState(count,
                                 *(treedef.unflatten(c) for c in cols[1:]))
-    return treedef.unflatten(cols[0]), proj.keep_sharding(new_state, state)
+    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
+            proj.keep_sharding(new_state, state))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
