@@ -20,7 +20,8 @@ from gradax.optimizers.schedules import (
 from gradax.optimizers.adadagrad import (
     adadagrad_controller, per_example_grad_stats, norm_test,
     batch_size_for_next_step, GradStats, AdaptiveBatchState,
-    BatchSizeController)
+    BatchSizeController, adagrad_norm, scale_by_adagrad_norm,
+    ScaleByAdagradNormState)
 
 # Memory-efficient optimizers.
 from gradax.optimizers.microadam import (
@@ -36,3 +37,9 @@ from gradax.optimizers.grass import grass, scale_by_grass, GrassState
 from gradax.optimizers.natural_galore import (
     natural_galore, scale_by_natural_galore, scale_by_woodbury_fisher,
     WoodburyFisherState)
+
+# Shampoo, SOAP and inverse matrix roots.
+from gradax.optimizers.matrix_roots import (
+    inverse_pth_root, safe_inverse_pth_root, RootResult)
+from gradax.optimizers.shampoo import (
+    shampoo, scale_by_shampoo, ShampooState, SHAMPOO_STATIC_ARGS)
