@@ -5,7 +5,7 @@ Gradient Methods", 2024, arXiv 2402.11215. The norm test is from Byrd,
 Chin, Nocedal & Wu, "Sample size selection in optimization methods for machine
 learning", 2012.
 
-Train with `optax.adagrad` (or any optimizer) and, every step, feed the
+Train with `optax.adagrad` or :func:`adagrad_norm` (or any optimizer) and, every step, feed the
 controller the per-example gradient statistics of the batch just used::
 
   ctrl = adadagrad_controller(eta=0.5, max_batch_size=4096)
@@ -23,6 +23,86 @@ import jax.numpy as jnp
 import optax
 
 from gradax.optimizers import _tree
+
+
+class ScaleByAdagradNormState(NamedTuple):
+  """State of :func:`scale_by_adagrad_norm`."""
+
+  sum_sq: jax.Array  # b_t^2, shape=(), float32
+
+
+def scale_by_adagrad_norm(
+    initial_accumulator_value: float = 1e-2,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaGrad-Norm: one scalar step size from the accumulated gradient norms.
+
+  .. math::
+    b_t^2 = b_{t-1}^2 + \|g_t\|^2, \qquad u_t = g_t / b_t,
+
+  with :math:`\|\cdot\|` over the whole pytree and :math:`b_0^2` =
+  `initial_accumulator_value`. AdAdaGrad-Norm pairs it with
+  :func:`adadagrad_controller`.
+
+  Ward, Wu & Bottou, "AdaGrad stepsizes: sharp convergence over nonconvex
+  landscapes", 2018, arXiv 1806.01811.
+
+  Args:
+    initial_accumulator_value: :math:`b_0^2 > 0`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  Example::
+
+    tx = optax.chain(scale_by_adagrad_norm(), optax.scale(-0.1))
+    updates, state = tx.update(grads, tx.init(params), params)
+  """
+  _tree.check_range("initial_accumulator_value", initial_accumulator_value,
+                    0.0, low_inclusive=False)
+
+  def init_fn(params):
+    del params
+    return ScaleByAdagradNormState(
+        sum_sq=jnp.asarray(initial_accumulator_value, jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    sq = optax.tree.norm(
+        jax.tree.map(lambda g: g.astype(jnp.float32), updates), squared=True)
+    sum_sq = (state.sum_sq + sq).astype(jnp.float32)
+    inv = jax.lax.rsqrt(sum_sq)
+    new_updates = jax.tree.map(lambda g: (g * inv).astype(g.dtype), updates)
+    return new_updates, ScaleByAdagradNormState(sum_sq=sum_sq)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adagrad_norm(
+    learning_rate: optax.ScalarOrSchedule,
+    initial_accumulator_value: float = 1e-2,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaGrad-Norm: :math:`x_{t+1} = x_t - \eta_t g_t / b_t` (see
+  :func:`scale_by_adagrad_norm`).
+
+  Ward, Wu & Bottou, "AdaGrad stepsizes: sharp convergence over nonconvex
+  landscapes", 2018, arXiv 1806.01811.
+
+  Args:
+    learning_rate: a scalar or schedule :math:`\eta_t`.
+    initial_accumulator_value: :math:`b_0^2 > 0`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  Example::
+
+    tx = gradax.optimizers.adagrad_norm(0.5)
+    updates, state = tx.update(grads, tx.init(params), params)
+  """
+  return optax.chain(
+      scale_by_adagrad_norm(initial_accumulator_value),
+      optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 class GradStats(NamedTuple):

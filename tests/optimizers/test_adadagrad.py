@@ -121,3 +121,17 @@ def test_bad_arguments(kwargs, name):
 def test_bad_initial_batch_size():
   with pytest.raises(ValueError, match="initial_batch_size"):
     o.adadagrad_controller(max_batch_size=16).init(32)
+
+
+def test_adagrad_norm_hand_computed():
+  tx = o.adagrad_norm(0.5, initial_accumulator_value=1.0)
+  p = {"a": jnp.zeros(2), "b": jnp.zeros(())}
+  s = tx.init(p)
+  g1 = {"a": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)}  # |g|^2 = 25
+  u, s = tx.update(g1, s, p)
+  np.testing.assert_allclose(u["a"], [-0.5 * 3 / np.sqrt(26), 0.0], rtol=1e-6)
+  g2 = {"a": jnp.array([1.0, 1.0]), "b": jnp.array(0.0)}  # |g|^2 = 2
+  u, s = tx.update(g2, s, p)
+  np.testing.assert_allclose(u["a"], [-0.5 / np.sqrt(28)] * 2, rtol=1e-6)
+  with pytest.raises(ValueError, match="initial_accumulator_value"):
+    o.adagrad_norm(0.1, initial_accumulator_value=0.0)
