@@ -284,7 +284,7 @@ def make_train_step(task: tasks_lib.Task, tx: optax.GradientTransformation,
     else:
       updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     sent = comm_bytes(opt_state)
     if sent is not None:
       metrics[COMM_BYTES_FIELD] = sent
@@ -403,9 +403,10 @@ class Checkpoints:
 
 
 def _sync(name: str) -> None:
+  """Barrier over processes (coordination service; no device collective)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+    from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+    multihost.sync_global_processes(name)
 
 
 @jax.jit
