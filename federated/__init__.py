@@ -17,6 +17,7 @@ from gradax.federated.fedprox import fedprox, proximal_hook
 from gradax.federated.fedau import FedAUState, fedau, fedau_aggregator
 from gradax.federated.fedopt import (fedadagrad, fedadam, fedavgm, fedopt,
                                      fedyogi)
+from gradax.federated.scaffold import ScaffoldState, scaffold
 from gradax.federated import participation
 from gradax.federated import data
 from gradax.federated import models
