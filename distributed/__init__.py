@@ -29,6 +29,7 @@ from gradax.distributed.compressors import (
 from gradax.distributed.powersgd import powersgd
 from gradax.distributed.dct import dct_topk
 from gradax.distributed.collectives import (
-    PmeanState, axis_size, compressed_pmean, compressed_pmean_init)
+    PmeanState, as_varying, axis_size, compressed_pmean,
+    compressed_pmean_init)
 from gradax.distributed.comm_bytes import (
     CommBytes, comm_bytes, hlo_collectives, jaxpr_collectives)

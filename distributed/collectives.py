@@ -26,7 +26,9 @@ class PmeanState(NamedTuple):
     count: calls so far; folds into the PRNG key. shape=(), int32.
     compressor: the compressor's own state (e.g. PowerSGD's Q).
     server_error: two-phase server error for this device's chunk,
-      shape=(chunk,), f32; shape (0,) for other schedules.
+      shape=(chunk,), f32; shape (0,) for other schedules. It differs per
+      device (``P(axis)`` at the jit level); ``count`` and ``compressor`` are
+      the same on every device (``P()``).
   """
   count: jax.Array
   compressor: Any
@@ -99,7 +101,23 @@ def compressed_pmean_init(x, compressor: Compressor, axis_name: str | None,
   """
   schedule = _resolve(schedule, compressor)
   n = axis_size(axis_name, "compressed_pmean_init")
-  return jax.tree.map(lambda a: _leaf_init(a, compressor, n, schedule), x)
+  state = jax.tree.map(lambda a: _leaf_init(a, compressor, n, schedule), x)
+  if axis_name is None:
+    return state
+  # The server error differs per device: mark it varying so it can be a
+  # loop carry inside shard_map.
+  return jax.tree.map(
+      lambda st: st._replace(server_error=as_varying(st.server_error,
+                                                     axis_name)),
+      state, is_leaf=lambda s: isinstance(s, PmeanState))
+
+
+def as_varying(x, axis_name: str):
+  """Marks ``x`` as varying over ``axis_name`` (a no-op if it already is)."""
+  vma = getattr(jax.typeof(x), "vma", frozenset())
+  if axis_name in vma:
+    return x
+  return lax.pcast(x, axis_name, to="varying")
 
 
 def _all_to_all(tree, axis_name):
