@@ -158,7 +158,8 @@ class DynamicBackupWorkers:
   of past iterations, σ² the per-worker gradient variance and ‖∇F‖² the
   squared full-gradient norm, estimated from the received gradients
   (‖ḡ‖² − σ²/k), and L the smoothness, estimated from successive
-  mean gradients by a secant ratio; all smoothed by an EMA. Late workers'
+  mean gradients by a secant ratio with their noise (σ²/k_t + σ²/k_{t−1})
+  removed; all smoothed by an EMA. Late workers'
   finish times are known to the server when they arrive, so the time window
   holds complete samples.
 
@@ -208,7 +209,9 @@ class DynamicBackupWorkers:
     """Workers to wait for at this iteration."""
     if self.grad_sq is None or self.var is None or self.L is None or (
         len(self.times) < 2):
-      return self.n
+      # Warm-up: half the workers (>= 2) give a first variance estimate
+      # without paying for the slowest ones.
+      return max(2, self.n // 2)
     k = np.arange(1, self.n + 1)
     gain = self.lr * self.grad_sq - 0.5 * self.L * self.lr ** 2 * (
         self.grad_sq + self.var / k)
@@ -234,13 +237,16 @@ class DynamicBackupWorkers:
       self.grad_sq = gsq if self.grad_sq is None else (
           self.ema * self.grad_sq + (1 - self.ema) * gsq)
     p = np.asarray(params, np.float64)
-    if self.fixed_L is None and self._prev is not None:
-      dp_ = np.linalg.norm(p - self._prev[0])
-      if dp_ > 0:
-        est = np.linalg.norm(mean - self._prev[1]) / dp_
+    if self.fixed_L is None and self._prev is not None and self.var:
+      # E|g_t - g_{t-1}|^2 = |grad F_t - grad F_{t-1}|^2 + var/k_t + var/k_{t-1}
+      step_sq = float(np.sum((p - self._prev[0]) ** 2))
+      if step_sq > 0:
+        diff_sq = float(np.sum((mean - self._prev[1]) ** 2))
+        signal = max(diff_sq - self.var / k - self.var / self._prev[2], 0.0)
+        est = np.sqrt(signal / step_sq)
         self.L = est if self.L is None else (
             self.ema * self.L + (1 - self.ema) * est)
-    self._prev = (p, mean)
+    self._prev = (p, mean, k)
 
 
 class GradientCode:

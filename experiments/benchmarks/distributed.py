@@ -1,0 +1,198 @@
+"""Distributed training: bytes per step vs f32 data parallel, eval loss, DBW.
+
+Rows, all measured in one run on 8 replicas (8 fake CPU devices; the module
+re-runs itself in a subprocess with 8 CPU devices if the current process has
+fewer):
+
+``quick=True`` swaps char_lm for a 256-d noisy quadratic and shortens runs.
+
+1. bytes per training step per device (ring model, from the compiled HLO via
+   ``comm_bytes``) of f32 data-parallel AdamW, DiLoCo H=100 with an int8
+   pseudo-gradient, and DeMo (top-32 of 64x64 DCT chunks), each as a ratio to
+   data parallel. DeMo also gets a row for the bytes each device *offers*
+   (its payload), the measure behind the paper's "85x".
+2. final eval loss on ``char_lm`` at matched tokens (same global batches):
+   DiLoCo (inner AdamW, H=20) and DeMo against data-parallel AdamW.
+3. simulated time-to-target of SGD on a noisy least-squares problem with 16
+   workers whose step times are shifted-exponential with 10% x6 slowdowns:
+   dynamic backup workers (DBW) against the best static number of backup
+   workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+TITLE = "Distributed training: bytes/step vs f32 DP, char_lm eval loss, DBW"
+
+REPLICAS = 8
+
+
+def _bytes_rows(task, params, mesh, quick):
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from gradax import distributed as gd  # pylint: disable=g-import-not-at-top
+  from gradax.distributed.data_parallel import place_batch  # pylint: disable=g-import-not-at-top
+
+  H = 100
+  batch = task.train_batch(0, 2 * REPLICAS, 0)
+  dp = gd.data_parallel(task.loss, optax.adamw(1e-3), mesh)
+  s = dp.init(params)
+  dp_bytes = gd.comm_bytes(dp.step.jitted(s), s,
+                           place_batch(batch, mesh)).wire_bytes
+
+  dl = gd.diloco(task.loss, optax.adamw(1e-3), mesh, H,
+                 compressor=gd.int8())
+  s = dl.init(params)
+  stacked = jax.tree.map(lambda x: np.broadcast_to(x, (H,) + x.shape), batch)
+  dl_bytes = gd.comm_bytes(dl.round.jitted(s), s,
+                           dl.round.place(stacked)).wire_bytes / H
+
+  de = gd.demo(task.loss, 1e-3, mesh)
+  s = de.init(params)
+  cb = gd.comm_bytes(de.step.jitted(s), s, place_batch(batch, mesh))
+  de_bytes = cb.wire_bytes
+  de_offered = sum(c.operand_bytes for c in cb.compiled
+                   if c.op == "all-gather")
+  d = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  rows = []
+  for method, value, base, target in (
+      ("diloco_H100_int8", dl_bytes, dp_bytes, 400.0),
+      ("demo_top32_chunk64", de_bytes, dp_bytes, 50.0),
+      ("demo_top32_chunk64 (payload offered)", de_offered, 4.0 * d, 50.0)):
+    ratio = base / value
+    rows.append({"section": "bytes/step vs f32 DP", "method": method,
+                 "value": float(value), "dp_value": float(base),
+                 "ratio": float(ratio), "target": f">= {target:g}x",
+                 "met": bool(ratio >= target)})
+  return rows
+
+
+def _loss_rows(task, params, mesh, quick):
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from gradax import distributed as gd  # pylint: disable=g-import-not-at-top
+
+  steps = 8 if quick else 400
+  H = 4 if quick else 20
+  batch_size = 4 * REPLICAS if quick else 8 * REPLICAS
+  lr = 3e-3
+  batches = [task.train_batch(t, batch_size, 0) for t in range(steps)]
+  eval_fn = jax.jit(lambda p: task.metrics(p, task.eval_batch())["loss"])
+
+  def train(alg):
+    s = alg.init(params)
+    if alg.round is not None and alg.period > 1:
+      for r in range(steps // alg.period):
+        chunk = batches[r * alg.period:(r + 1) * alg.period]
+        s, _ = alg.round(s, jax.tree.map(lambda *x: np.stack(x), *chunk))
+    else:
+      for b in batches:
+        s, _ = alg.step(s, b)
+    return float(eval_fn(alg.eval_params(s)))
+
+  dp_loss = train(gd.data_parallel(task.loss, optax.adamw(lr), mesh))
+  rows = []
+  for method, alg in (
+      (f"diloco_H{H}_adamw", gd.diloco(task.loss, optax.adamw(lr), mesh, H)),
+      ("demo", gd.demo(task.loss, 1e-3, mesh, compression_decay=0.999))):
+    loss = train(alg)
+    ratio = loss / dp_loss
+    rows.append({"section": f"{task.name} eval loss, {steps} steps x "
+                            f"{batch_size} examples", "method": method,
+                 "value": loss, "dp_value": dp_loss, "ratio": ratio,
+                 "target": "<= 1.03", "met": bool(ratio <= 1.03)})
+  return rows
+
+
+def _dbw_rows(quick):
+  from gradax.distributed import stragglers as st  # pylint: disable=g-import-not-at-top
+
+  n, dim, lr, noise = 16, 32, 0.05, 2.0
+  rng = np.random.default_rng(0)
+  h = np.logspace(0, 1, dim)
+  x0 = rng.normal(size=dim) * 3
+  max_iters = 300 if quick else 3000
+  loss = lambda x: 0.5 * float(np.sum(h * x * x))
+  target = (1e-2 if quick else 1e-3) * loss(x0)
+  seeds = range(1) if quick else range(5)
+
+  def simulate(tm, choose, observe=None):
+    x, clock = x0.copy(), 0.0
+    grng = np.random.default_rng(1000 + tm.seed)
+    for t in range(max_iters):
+      times = tm.sample(t)
+      w, wait = st.fastest(times, choose())
+      g = (h * x + noise * grng.normal(size=(n, dim)))[w > 0]
+      if observe is not None:
+        observe(times, g, x)
+      x = x - lr * g.mean(axis=0)
+      clock += wait
+      if loss(x) <= target:
+        return clock
+    return float("inf")
+
+  static = {k: [] for k in range(1, n + 1)}
+  dbw_times = []
+  for seed in seeds:
+    tm = st.TimeModel(n, "shifted_exponential", base=1.0, scale=0.3,
+                      slow_prob=0.1, slow_factor=6.0, seed=seed)
+    for k in static:
+      static[k].append(simulate(tm, lambda k=k: k))
+    dbw = st.DynamicBackupWorkers(n, learning_rate=lr)
+    dbw_times.append(simulate(tm, dbw.choose, dbw.observe))
+  static = {k: float(np.mean(v)) for k, v in static.items()}
+  best_k = min(static, key=static.get)
+  dbw_time = float(np.mean(dbw_times))
+  section = f"simulated time-to-target, 16 workers, mean of {len(seeds)} seeds"
+  return [{"section": section,
+           "method": f"DBW vs best static (k={best_k}, b={n - best_k})",
+           "value": dbw_time, "dp_value": static[best_k],
+           "ratio": static[best_k] / dbw_time,
+           "target": "DBW <= best static",
+           "met": bool(dbw_time <= static[best_k])},
+          {"section": section, "method": "DBW vs waiting for all (b=0)",
+           "value": dbw_time, "dp_value": static[n],
+           "ratio": static[n] / dbw_time, "target": "-",
+           "met": bool(dbw_time <= static[n])}]
+
+
+def _run_here(quick: bool) -> list[dict]:
+  import jax  # pylint: disable=g-import-not-at-top
+  from gradax import distributed as gd  # pylint: disable=g-import-not-at-top
+  from gradax.experiments import tasks  # pylint: disable=g-import-not-at-top
+
+  if quick:   # a smoke run: the same code paths on a tiny problem
+    task = tasks.get_task("quadratic", dim=256, noise=0.1)
+  else:
+    task = tasks.get_task("char_lm")
+  params = task.init(jax.random.key(0))
+  mesh = gd.make_mesh(f"data={REPLICAS}",
+                      devices=jax.devices("cpu")[:REPLICAS])
+  return (_bytes_rows(task, params, mesh, quick)
+          + _loss_rows(task, params, mesh, quick) + _dbw_rows(quick))
+
+
+def run(quick: bool = False) -> list[dict]:
+  """Runs the benchmark (in a subprocess when fewer than 8 CPU devices)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    enough = len(jax.devices("cpu")) >= REPLICAS
+  except RuntimeError:
+    enough = False
+  if enough:
+    return _run_here(quick)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={REPLICAS}"))
+  code = ("import json; from gradax.experiments.benchmarks import distributed"
+          f" as d; print('ROWS=' + json.dumps(d._run_here({quick!r})))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                       capture_output=True, text=True).stdout
+  line = [l for l in out.splitlines() if l.startswith("ROWS=")][-1]
+  return json.loads(line[len("ROWS="):])
