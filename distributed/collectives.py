@@ -13,10 +13,39 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from gradax.distributed.compressors import Compressor
 
 SCHEDULES = ("auto", "psum", "two_phase", "all_gather")
+
+
+def state_specs(state, axis_name: str):
+  """PartitionSpecs for a state pytree: ``P(axis)`` for per-replica fields.
+
+  A NamedTuple state class lists its per-replica fields in a class attribute
+  ``per_replica_fields``; every leaf below such a field gets
+  ``PartitionSpec(axis_name)`` (its leading replica axis is sharded over the
+  axis), every other leaf ``PartitionSpec()`` (identical on every replica).
+  Use it as the in/out spec of the state in ``jax.shard_map``.
+
+  Example:
+    >>> specs = state_specs(jax.eval_shape(init_fn, params), "data")
+  """
+  def walk(node, per_replica):
+    if node is None:
+      return None
+    if isinstance(node, tuple) and hasattr(type(node), "_fields"):
+      fields = getattr(type(node), "per_replica_fields", ())
+      return type(node)(*[walk(getattr(node, f), per_replica or f in fields)
+                          for f in node._fields])
+    if isinstance(node, (list, tuple)):
+      return type(node)(walk(v, per_replica) for v in node)
+    if isinstance(node, dict):
+      return type(node)((k, walk(v, per_replica)) for k, v in node.items())
+    return jax.tree.map(lambda _: P(axis_name) if per_replica else P(), node)
+
+  return walk(state, False)
 
 
 class PmeanState(NamedTuple):
@@ -26,13 +55,16 @@ class PmeanState(NamedTuple):
     count: calls so far; folds into the PRNG key. shape=(), int32.
     compressor: the compressor's own state (e.g. PowerSGD's Q).
     server_error: two-phase server error for this device's chunk,
-      shape=(chunk,), f32; shape (0,) for other schedules. It differs per
+      shape=(1, chunk), f32 (a leading replica axis); shape (1, 0) for other
+      schedules. It differs per
       device (``P(axis)`` at the jit level); ``count`` and ``compressor`` are
       the same on every device (``P()``).
   """
   count: jax.Array
   compressor: Any
   server_error: jax.Array
+
+  per_replica_fields = ("server_error",)
 
 
 def axis_size(axis_name: str | None, who: str = "this function") -> int:
@@ -75,10 +107,10 @@ def _chunk_len(d: int, n: int, multiple: int) -> int:
 
 def _leaf_init(x, compressor, n, schedule):
   shape = tuple(jnp.shape(x))
-  err = jnp.zeros((0,), jnp.float32)
+  err = jnp.zeros((1, 0), jnp.float32)
   if schedule == "two_phase":
     c = _chunk_len(max(1, math.prod(shape)), n, compressor.chunk_multiple)
-    err = jnp.zeros((c,), jnp.float32)
+    err = jnp.zeros((1, c), jnp.float32)
   return PmeanState(count=jnp.zeros((), jnp.int32),
                     compressor=compressor.init(shape), server_error=err)
 
@@ -171,14 +203,14 @@ def _leaf_pmean(x, st: PmeanState, compressor, axis_name, schedule, key,
 
   # two_phase: all_to_all of compressed chunks, f32 reduce + server error,
   # re-compress, all_gather.
-  c = st.server_error.shape[0]
+  c = st.server_error.shape[1]
   flat = jnp.ravel(x).astype(jnp.float32)
   rows = jnp.pad(flat, (0, n * c - d)).reshape(n, c)
   payload, cst = compressor.encode_rows(rows, st.compressor, k_worker)
   local = compressor.decode_rows(payload, (c,)).reshape(-1)[:d].reshape(shape)
   recv = payload if axis_name is None else _all_to_all(payload, axis_name)
   chunk = jnp.mean(compressor.decode_rows(recv, (c,)), axis=0)
-  chunk = chunk + st.server_error
+  chunk = chunk + st.server_error[0]
   spay, cst = compressor.encode(chunk, cst, k_server)
   if server_error:
     new_err = chunk - compressor.decode(spay, (c,))
@@ -190,7 +222,7 @@ def _leaf_pmean(x, st: PmeanState, compressor, axis_name, schedule, key,
     gathered = _all_gather(spay, axis_name)
     out = compressor.decode_rows(gathered, (c,)).reshape(-1)
   mean = out[:d].reshape(shape)
-  return mean, local, PmeanState(new_count, cst, new_err)
+  return mean, local, PmeanState(new_count, cst, new_err[None])
 
 
 def compressed_pmean(x, compressor: Compressor, axis_name: str | None,
