@@ -18,6 +18,12 @@ from gradax.federated.fedau import FedAUState, fedau, fedau_aggregator
 from gradax.federated.fedopt import (fedadagrad, fedadam, fedavgm, fedopt,
                                      fedyogi)
 from gradax.federated.scaffold import ScaffoldState, scaffold
+from gradax.federated.fedcm import fedcm
+from gradax.federated.pfedme import pfedme
+from gradax.federated.masked import masked_fedavg, masked_mean
+from gradax.federated.decentralized import (DecentralizedState, dfedavg,
+                                            dfedsam, decentralized,
+                                            mixing_matrix)
 from gradax.federated import participation
 from gradax.federated import data
 from gradax.federated import models

@@ -164,8 +164,8 @@ def _steps_for(cfg: LocalConfig, n_k, work_k):
 def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
                 params: PyTree, examples_k: dict, n_k, work_k, key,
                 cfg: LocalConfig, grad_hook: GradHook | None = None,
-                ctx: dict | None = None, max_steps: int | None = None
-                ) -> ClientOutput:
+                ctx: dict | None = None, max_steps: int | None = None,
+                grad_fn: Callable | None = None) -> ClientOutput:
   """Runs one client's local optimizer from ``params`` (the global model).
 
   At step s (active while s < budget), with minibatch ξ_s from the client's
@@ -186,6 +186,8 @@ def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
     grad_hook: optional ``hook(grads, y, ctx) -> grads``.
     ctx: extra hook context; ``ctx["anchor"]`` is set to ``params``.
     max_steps: static scan length (default ``cfg.max_steps(M)``).
+    grad_fn: optional ``grad_fn(params, batch, ctx) -> (loss, grads)``
+      replacing ``value_and_grad(loss_fn)`` (e.g. SAM, masked sub-models).
 
   Returns:
     ``ClientOutput(params=y, num_steps, mean_loss)``.
@@ -226,14 +228,16 @@ def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
       return idx, jnp.ones((bsz,), jnp.float32)
 
   opt_state = tx.init(params)
-  grad_fn = jax.value_and_grad(loss_fn)
+  if grad_fn is None:
+    vg = jax.value_and_grad(loss_fn)
+    grad_fn = lambda p, b, c: vg(p, b)  # noqa: E731
 
   def step(carry, s):
     y, opt, loss_sum = carry
     idx, mask = batch_at(s)
     batch = jax.tree.map(lambda a: a[idx], examples_k)
     batch["mask"] = mask
-    loss, g = grad_fn(y, batch)
+    loss, g = grad_fn(y, batch, ctx)
     if grad_hook is not None:
       g = grad_hook(g, y, ctx)
     upd, new_opt = tx.update(g, opt, y)
@@ -395,6 +399,8 @@ def local_update_algorithm(loss_fn: LossFn,
                            aggregator, server_tx: optax.GradientTransformation,
                            grad_hook: GradHook | None = None,
                            ctx_fn: Callable | None = None,
+                           client_ctx_fn: Callable | None = None,
+                           grad_fn: Callable | None = None,
                            capacity: int | None = None, mesh=None,
                            axis_name: str = "clients") -> FederatedAlgorithm:
   """The FedAvg family: local optimizer on clients, aggregator + server optax.
@@ -414,6 +420,9 @@ def local_update_algorithm(loss_fn: LossFn,
     grad_hook: optional local gradient hook (e.g. the proximal term).
     ctx_fn: optional ``ctx_fn(state) -> dict`` of extra hook context shared by
       all clients.
+    client_ctx_fn: optional ``client_ctx_fn(state, ids) -> dict`` of
+      per-client context (leading axis over the client slots ``ids``).
+    grad_fn: optional ``grad_fn(params, batch, ctx) -> (loss, grads)``.
     capacity: static number of client slots per round (default N). Rounds
       with more participants drop the surplus (counted in ``overflow``).
     mesh: optional mesh with a ``clients`` axis to shard the client work.
@@ -437,15 +446,20 @@ def local_update_algorithm(loss_fn: LossFn,
                        aggregator.init(params, num_clients),
                        jnp.zeros((), jnp.int32))
 
-  def one_client(params, examples_k, n_k, work_k, key_k, ctx):
+  def one_client(params, examples_k, n_k, work_k, key_k, ctx, cctx):
+    ctx = dict(ctx, **cctx)
     out = local_train(loss_fn, client_tx, params, examples_k, n_k, work_k,
-                      key_k, local, grad_hook, ctx)
+                      key_k, local, grad_hook, ctx, grad_fn=grad_fn)
     return tree_sub(out.params, params), out.num_steps, out.mean_loss
 
-  def client_update(state, examples_k, n_k, work_k, key_k, client_id=None):
-    del client_id
+  def client_update(state, examples_k, n_k, work_k, key_k, client_id=0):
     ctx = ctx_fn(state) if ctx_fn else {}
-    delta, _, _ = one_client(state.params, examples_k, n_k, work_k, key_k, ctx)
+    cctx = {}
+    if client_ctx_fn:
+      ids = jnp.asarray(client_id, jnp.int32)[None]
+      cctx = jax.tree.map(lambda a: a[0], client_ctx_fn(state, ids))
+    delta, _, _ = one_client(state.params, examples_k, n_k, work_k, key_k, ctx,
+                             cctx)
     return delta, jnp.asarray(n_k, jnp.int32)
 
   def server_update(state, deltas, ids, valid, n_ex, participating):
@@ -473,9 +487,11 @@ def local_update_algorithm(loss_fn: LossFn,
     work = inputs.work[ids]
     keys = client_keys(inputs.key, ids)
     ctx = ctx_fn(state) if ctx_fn else {}
-    mapped = map_clients(one_client, (None, 0, 0, 0, 0, None), mesh,
+    cctx = client_ctx_fn(state, ids) if client_ctx_fn else {}
+    mapped = map_clients(one_client, (None, 0, 0, 0, 0, None, 0), mesh,
                          axis_name)
-    deltas, steps, losses = mapped(state.params, ex, n_ex, work, keys, ctx)
+    deltas, steps, losses = mapped(state.params, ex, n_ex, work, keys, ctx,
+                                   cctx)
     new_state = server_update(state, deltas, ids, valid, n_ex, part)
     vf = valid.astype(jnp.float32)
     diag = {
@@ -495,3 +511,22 @@ def tree_where_clients(valid, tree):
     v = valid.reshape(valid.shape + (1,) * (u.ndim - 1))
     return jnp.where(v, u, jnp.zeros_like(u))
   return jax.tree.map(f, tree)
+
+
+def sam_grad_fn(loss_fn: LossFn, rho: float) -> Callable:
+  """SAM gradient ∇ℓ(w + ρ·g/‖g‖) with g = ∇ℓ(w) (Foret et al., 2010.01412).
+
+  Returns ``grad_fn(params, batch, ctx) -> (loss at w, SAM gradient)``.
+  """
+  if not float(rho) >= 0:
+    raise ValueError(f"rho must be >= 0, got {rho}.")
+  vg = jax.value_and_grad(loss_fn)
+
+  def grad_fn(params, batch, ctx):
+    del ctx
+    loss, g = vg(params, batch)
+    norm = optax.global_norm(g)
+    e = jax.tree.map(lambda x: rho * x / jnp.maximum(norm, 1e-12), g)
+    _, g2 = vg(tree_add(params, e), batch)
+    return loss, g2
+  return grad_fn
