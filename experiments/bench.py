@@ -1,5 +1,7 @@
 """Benchmark harness: ``python -m gradax.experiments.bench NAME|all [--quick] [--out results]``.
 
+Like the test suite, the harness gives JAX 8 CPU devices (``--cpu_devices``).
+
 A benchmark is a module ``experiments/benchmarks/<name>.py`` defining
 ``TITLE: str`` and ``run(quick: bool = False) -> list[dict]``. It measures
 things side by side in one run (use ``gradax.experiments.benchlib.median_time``)
@@ -119,7 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("name", help="a benchmark name, or 'all'")
   parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds each")
   parser.add_argument("--out", default="results", help="output folder (default: results)")
+  parser.add_argument("--cpu_devices", type=int, default=8,
+                      help="CPU devices JAX creates (as in the tests; 0 = JAX's default)")
   args = parser.parse_args(argv)
+  if args.cpu_devices:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   try:
     names = discover() if args.name == "all" else [load(args.name) and args.name]
   except ValueError as e:
