@@ -30,6 +30,6 @@ from gradax.distributed.powersgd import powersgd
 from gradax.distributed.dct import dct_topk
 from gradax.distributed.collectives import (
     PmeanState, as_varying, axis_size, compressed_pmean,
-    compressed_pmean_init, state_specs)
+    compressed_pmean_init, is_bound)
 from gradax.distributed.comm_bytes import (
     CommBytes, comm_bytes, hlo_collectives, jaxpr_collectives)

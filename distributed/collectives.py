@@ -20,51 +20,23 @@ from gradax.distributed.compressors import Compressor
 SCHEDULES = ("auto", "psum", "two_phase", "all_gather")
 
 
-def state_specs(state, axis_name: str):
-  """PartitionSpecs for a state pytree: ``P(axis)`` for per-replica fields.
-
-  A NamedTuple state class lists its per-replica fields in a class attribute
-  ``per_replica_fields``; every leaf below such a field gets
-  ``PartitionSpec(axis_name)`` (its leading replica axis is sharded over the
-  axis), every other leaf ``PartitionSpec()`` (identical on every replica).
-  Use it as the in/out spec of the state in ``jax.shard_map``.
-
-  Example:
-    >>> specs = state_specs(jax.eval_shape(init_fn, params), "data")
-  """
-  def walk(node, per_replica):
-    if node is None:
-      return None
-    if isinstance(node, tuple) and hasattr(type(node), "_fields"):
-      fields = getattr(type(node), "per_replica_fields", ())
-      return type(node)(*[walk(getattr(node, f), per_replica or f in fields)
-                          for f in node._fields])
-    if isinstance(node, (list, tuple)):
-      return type(node)(walk(v, per_replica) for v in node)
-    if isinstance(node, dict):
-      return type(node)((k, walk(v, per_replica)) for k, v in node.items())
-    return jax.tree.map(lambda _: P(axis_name) if per_replica else P(), node)
-
-  return walk(state, False)
-
-
 class PmeanState(NamedTuple):
   """State of :func:`compressed_pmean` for one tensor.
 
   Attributes:
     count: calls so far; folds into the PRNG key. shape=(), int32.
     compressor: the compressor's own state (e.g. PowerSGD's Q).
-    server_error: two-phase server error for this device's chunk,
-      shape=(1, chunk), f32 (a leading replica axis); shape (1, 0) for other
-      schedules. It differs per
-      device (``P(axis)`` at the jit level); ``count`` and ``compressor`` are
-      the same on every device (``P()``).
+    server_error: two-phase server error of this device's chunk, f32, shape
+      (chunk,) when the state was built inside ``shard_map``; shape
+      (padded size,) (the whole tensor, each device using its own chunk of
+      it) when built with an unbound axis, e.g. by an optimizer's ``init``
+      outside ``shard_map``; (0,) for other schedules. It differs per device,
+      so at the jit level the state carries a leading replica axis like all
+      per-replica state (``gradax.distributed.sharding.stack_replicas``).
   """
   count: jax.Array
   compressor: Any
   server_error: jax.Array
-
-  per_replica_fields = ("server_error",)
 
 
 def axis_size(axis_name: str | None, who: str = "this function") -> int:
@@ -107,16 +79,17 @@ def _chunk_len(d: int, n: int, multiple: int) -> int:
 
 def _leaf_init(x, compressor, n, schedule):
   shape = tuple(jnp.shape(x))
-  err = jnp.zeros((1, 0), jnp.float32)
+  err = jnp.zeros((0,), jnp.float32)
   if schedule == "two_phase":
     c = _chunk_len(max(1, math.prod(shape)), n, compressor.chunk_multiple)
-    err = jnp.zeros((1, c), jnp.float32)
+    err = jnp.zeros((c,), jnp.float32)
   return PmeanState(count=jnp.zeros((), jnp.int32),
                     compressor=compressor.init(shape), server_error=err)
 
 
 def compressed_pmean_init(x, compressor: Compressor, axis_name: str | None,
-                          schedule: str = "auto") -> Any:
+                          schedule: str = "auto", *,
+                          allow_unbound: bool = False) -> Any:
   """Creates the state of :func:`compressed_pmean` for a pytree ``x``.
 
   Call it where ``compressed_pmean`` will be called (inside ``shard_map``
@@ -127,11 +100,16 @@ def compressed_pmean_init(x, compressor: Compressor, axis_name: str | None,
     compressor: a :class:`~gradax.distributed.Compressor`.
     axis_name: the mesh axis, or None for one replica.
     schedule: see :func:`compressed_pmean`.
+    allow_unbound: if true and ``axis_name`` is not bound (an optimizer's
+      ``init`` outside ``shard_map``), build a whole-tensor server error
+      instead of raising.
 
   Returns:
     A pytree with one :class:`PmeanState` per leaf of ``x``.
   """
   schedule = _resolve(schedule, compressor)
+  if allow_unbound and axis_name is not None and not is_bound(axis_name):
+    return jax.tree.map(lambda a: _leaf_init(a, compressor, 1, schedule), x)
   n = axis_size(axis_name, "compressed_pmean_init")
   state = jax.tree.map(lambda a: _leaf_init(a, compressor, n, schedule), x)
   if axis_name is None:
@@ -142,6 +120,15 @@ def compressed_pmean_init(x, compressor: Compressor, axis_name: str | None,
       lambda st: st._replace(server_error=as_varying(st.server_error,
                                                      axis_name)),
       state, is_leaf=lambda s: isinstance(s, PmeanState))
+
+
+def is_bound(axis_name: str) -> bool:
+  """Whether a mesh axis of this name is bound (we are inside shard_map)."""
+  try:
+    lax.axis_size(axis_name)
+    return True
+  except NameError:
+    return False
 
 
 def as_varying(x, axis_name: str):
@@ -203,14 +190,25 @@ def _leaf_pmean(x, st: PmeanState, compressor, axis_name, schedule, key,
 
   # two_phase: all_to_all of compressed chunks, f32 reduce + server error,
   # re-compress, all_gather.
-  c = st.server_error.shape[1]
+  c = _chunk_len(d, n, compressor.chunk_multiple)
   flat = jnp.ravel(x).astype(jnp.float32)
   rows = jnp.pad(flat, (0, n * c - d)).reshape(n, c)
   payload, cst = compressor.encode_rows(rows, st.compressor, k_worker)
   local = compressor.decode_rows(payload, (c,)).reshape(-1)[:d].reshape(shape)
   recv = payload if axis_name is None else _all_to_all(payload, axis_name)
   chunk = jnp.mean(compressor.decode_rows(recv, (c,)), axis=0)
-  chunk = chunk + st.server_error[0]
+  stored = st.server_error.shape[0]
+  if stored == c:
+    err = st.server_error
+  else:  # whole-tensor buffer: this device's chunk of it
+    if stored < d:
+      raise ValueError(
+          f"server error buffer of length {stored} fits neither the chunk "
+          f"length {c} nor the tensor size {d}; rebuild the state.")
+    full = jnp.pad(st.server_error, (0, max(0, n * c - stored)))
+    r = 0 if axis_name is None else lax.axis_index(axis_name)
+    err = lax.dynamic_slice_in_dim(full, r * c, c)
+  chunk = chunk + err
   spay, cst = compressor.encode(chunk, cst, k_server)
   if server_error:
     new_err = chunk - compressor.decode(spay, (c,))
@@ -222,7 +220,9 @@ def _leaf_pmean(x, st: PmeanState, compressor, axis_name, schedule, key,
     gathered = _all_gather(spay, axis_name)
     out = compressor.decode_rows(gathered, (c,)).reshape(-1)
   mean = out[:d].reshape(shape)
-  return mean, local, PmeanState(new_count, cst, new_err[None])
+  if stored != c:
+    new_err = lax.dynamic_update_slice_in_dim(full, new_err, r * c, 0)[:stored]
+  return mean, local, PmeanState(new_count, cst, new_err)
 
 
 def compressed_pmean(x, compressor: Compressor, axis_name: str | None,

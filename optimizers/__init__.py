@@ -43,3 +43,10 @@ from gradax.optimizers.matrix_roots import (
     inverse_pth_root, safe_inverse_pth_root, RootResult)
 from gradax.optimizers.shampoo import (
     shampoo, scale_by_shampoo, ShampooState, SHAMPOO_STATIC_ARGS)
+
+# Error feedback and 1-bit optimizers (communication compression).
+from gradax.optimizers.error_feedback import (
+    error_feedback, ef21, econtrol, ErrorFeedbackState, EF21State,
+    EControlState)
+from gradax.optimizers.onebit_adam import (
+    onebit_adam, scale_by_onebit_adam, OnebitAdamState)

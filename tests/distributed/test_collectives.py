@@ -166,16 +166,14 @@ def test_onebit_allreduce_matches_deepspeed_over_20_steps(mesh):
   se_ref = np.zeros((N, d // N), np.float64)
   we = _put(mesh, jnp.zeros((N, d)))
   st = init_fn(_put(mesh, jnp.zeros((N, d))))
-  assert st.server_error.shape == (N, d // N)
-  specs = gd.state_specs(st, "data")
-  assert specs.server_error == spec and specs.count == P()
+  assert st.server_error.shape == (N * (d // N),)
   for t in range(steps):
     out, we, st = step_fn(_put(mesh, jnp.asarray(ms[t])), we, st)
     ref, we_ref, se_ref = _deepspeed_compressed_allreduce(
         ms[t].astype(np.float64), we_ref, se_ref)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(we), we_ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(st.server_error),
+    np.testing.assert_allclose(np.asarray(st.server_error).reshape(N, -1),
                                se_ref, rtol=1e-4, atol=1e-4)
 
 
