@@ -158,16 +158,20 @@ class Reducer(NamedTuple):
   nbytes: Callable[[int, int], float]
 
 
-def init_per_replica(fn: Callable[[], Any], mesh: Mesh,
-                     axis_name: str = "data") -> Any:
-  """Runs ``fn()`` inside ``shard_map`` over ``axis_name``; stacks the results.
+def init_per_replica(fn: Callable[..., Any], mesh: Mesh,
+                     axis_name: str = "data", *args: Any) -> Any:
+  """Runs ``fn(*args)`` inside ``shard_map`` over ``axis_name``; stacks results.
+
+  The axis is bound, so ``fn`` may size per-replica buffers with
+  ``lax.axis_size`` (e.g. ``compressed_pmean_init``). ``args`` are replicated.
 
   Returns:
     ``fn``'s pytree with a leading replica axis, sharded ``P(axis_name)``.
   """
-  f = jax.shard_map(lambda: sh.replica_view(fn()), mesh=mesh, in_specs=(),
-                    out_specs=P(axis_name), check_vma=False)
-  return jax.jit(f)()
+  args = sh.replicated(args, mesh)
+  f = jax.shard_map(lambda *a: sh.replica_view(fn(*a)), mesh=mesh,
+                    in_specs=P(), out_specs=P(axis_name), check_vma=False)
+  return jax.jit(f)(*args)
 
 
 def mean_reducer() -> Reducer:
@@ -381,11 +385,11 @@ def data_parallel(
   def build(params):
     """Specs and the jitted step for params of this structure."""
     pspecs = sh.specs(params, mesh, plan.params, axis_name)
-    abstract_opt = jax.eval_shape(optimizer.init, params)
     if self_comm:
-      ospecs = sh.replica_specs(abstract_opt, axis_name)
+      ospecs = P(axis_name)  # prefix spec: every leaf is per replica
     else:
-      ospecs = sh.specs(abstract_opt, mesh, plan.opt_state, axis_name)
+      ospecs = sh.specs(jax.eval_shape(optimizer.init, params), mesh,
+                        plan.opt_state, axis_name)
     pdims = dims(params, "sharded")          # the ZeRO slicing dims
     rspecs = P(axis_name)  # prefix spec of the per-replica reducer state
     state_specs = DataParallelState(pspecs, ospecs, rspecs, P())
@@ -464,13 +468,17 @@ def data_parallel(
   def init(params):
     state_specs, _ = get(params)
     params = jax.tree.map(jnp.asarray, params)
-    opt_state = optimizer.init(params)
-    if self_comm:
-      opt_state = sh.stack_replicas(opt_state, n)
     d = num_elements(params)
     rstate = () if red is None else init_per_replica(
         lambda: red.init(jnp.zeros((d,), jnp.float32), axis_name), mesh,
         axis_name)
+    if self_comm:   # per-replica state, built where the axis is bound
+      opt_state = init_per_replica(optimizer.init, mesh, axis_name, params)
+      state = DataParallelState(params, (), (), jnp.zeros((), jnp.int32))
+      state = sh.place(state, mesh, state_specs._replace(
+          opt_state=(), reducer_state=()), axis_name)
+      return state._replace(opt_state=opt_state, reducer_state=rstate)
+    opt_state = optimizer.init(params)
     state = DataParallelState(params, opt_state, (), jnp.zeros((), jnp.int32))
     state = sh.place(state, mesh, state_specs._replace(reducer_state=()),
                      axis_name)

@@ -226,8 +226,7 @@ def local_update(
         sync.init(params), (), jnp.zeros((), jnp.int32))
     state = sh.place(state, mesh,
                      state_specs._replace(replica_sync_state=()), axis_name)
-    r = init_per_replica(lambda: sync.init_replica(params), mesh,
-                            axis_name)
+    r = init_per_replica(sync.init_replica, mesh, axis_name, params)
     return state._replace(replica_sync_state=r)
 
   def step(state, batch):
