@@ -18,7 +18,7 @@ from jax import lax
 
 from gradax.distributed import collectives as _col
 from gradax.distributed import compressors as _comp
-from gradax.optimizers import error_feedback as _ef
+from gradax.optimizers.error_feedback import check_axis, pmean_init
 from gradax.optimizers._tree import check_range
 
 
@@ -128,12 +128,12 @@ def scale_by_onebit_adam(
     return OnebitAdamState(
         count=jnp.zeros((), jnp.int32), mu=zeros, nu=zeros,
         worker_error=zeros,
-        pmean=_ef.pmean_init(zeros, comp, axis_name, "two_phase"),
+        pmean=pmean_init(zeros, comp, axis_name, "two_phase"),
         comm_bytes=jnp.zeros((), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra):
     del params, extra
-    n = _ef.check_axis(axis_name, "onebit_adam")
+    n = check_axis(axis_name, "onebit_adam")
     g = jax.tree.map(lambda x: x.astype(jnp.float32), updates)
     t = optax.safe_int32_increment(state.count)
 
