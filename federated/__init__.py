@@ -24,6 +24,7 @@ from gradax.federated.masked import masked_fedavg, masked_mean
 from gradax.federated.decentralized import (DecentralizedState, dfedavg,
                                             dfedsam, decentralized,
                                             mixing_matrix)
+from gradax.federated.asynchronous import fedbuff, tiered_speeds, SpeedModel
 from gradax.federated import participation
 from gradax.federated import data
 from gradax.federated import models
