@@ -43,14 +43,14 @@ class OnebitAdamState(NamedTuple):
   comm_bytes: jax.Array
 
 
-def _check_common(b1, b2, eps, freeze_step):
+def _check_common(b1, b2, eps, freeze_step, freeze_name="freeze_step"):
   check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
   check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
   check_range("eps", eps, 0.0, None, low_inclusive=False)
   if not isinstance(freeze_step, int) or isinstance(freeze_step, bool) or \
       freeze_step < 0:
-    raise ValueError(
-        f"freeze_step must be an integer >= 0; got freeze_step={freeze_step!r}.")
+    raise ValueError(f"{freeze_name} must be an integer >= 0; got "
+                     f"{freeze_name}={freeze_step!r}.")
 
 
 def onebit_bytes(params, n: int, compressed: bool,
