@@ -50,5 +50,6 @@ from gradax.optimizers.error_feedback import (
     EControlState)
 from gradax.optimizers.onebit_adam import (
     onebit_adam, scale_by_onebit_adam, OnebitAdamState)
+from gradax.optimizers.soap import soap, scale_by_soap, SoapState, SOAP_STATIC_ARGS
 from gradax.optimizers.zero_one_adam import zero_one_adam, ZeroOneAdamState
 from gradax.optimizers.onebit_lamb import onebit_lamb, OnebitLambState

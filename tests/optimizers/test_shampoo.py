@@ -1,6 +1,6 @@
 """Tests for gradax.optimizers.shampoo (blocked Shampoo with grafting)."""
 
-import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gradax import distributed
-from gradax.optimizers import shampoo as sh
+# The package re-exports the function `shampoo`, which shadows the module.
+sh = importlib.import_module("gradax.optimizers.shampoo")
 
 
 # ---------------------------------------------------------------------------
