@@ -606,7 +606,8 @@ def summarize(task: tasks_lib.Task, results: Sequence[RunResult]) -> list[dict]:
   for r in results:
     train = [x for x in r.records if x["split"] == "train"]
     evals = [x for x in r.records if x["split"] == "eval" and head in x]
-    rates = [x["steps_per_sec"] for x in train[1:]] or [x["steps_per_sec"] for x in train]
+    timed = [x["steps_per_sec"] for x in train if "steps_per_sec" in x]
+    rates = timed[1:] or timed  # the first window includes compilation
     best = None
     if evals:
       vals = [x[head] for x in evals if math.isfinite(x[head])]

@@ -169,3 +169,24 @@ def test_cli_bad_input_prints_one_sentence(tmp_path):
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert "Traceback" not in proc.stderr
   assert lines[-1].startswith("gradax.experiments.run: error: unknown optimizer 'nope'; valid optimizers are")
+
+
+def test_rerun_of_finished_run_trains_nothing(reference, tmp_path):
+  ref_dir, rows = reference
+  shutil.copytree(ref_dir / "adamw", tmp_path / "adamw")
+  again = runner.run_experiment(_cfg(tmp_path))
+  assert again == rows
+  assert _records(tmp_path) == _records(ref_dir)
+
+
+def test_divergence_stops_without_checkpointing_nan(tmp_path):
+  rows = runner.run_experiment(_cfg(tmp_path, task="quadratic", optimizers="sgd:learning_rate=10.0",
+                                    steps=40, checkpoint_every=2, eval_every=0, log_every=100))
+  assert rows[0]["status"] == "diverged" and rows[0]["steps"] < 40
+  ckpt_dir = tmp_path / "sgd_learning_rate=10.0" / "checkpoints"
+  saved = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+  for step in saved:  # whatever was saved is finite
+    import orbax.checkpoint as ocp
+    with ocp.CheckpointManager(ckpt_dir) as mngr:
+      restored = mngr.restore(step)
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(restored))
