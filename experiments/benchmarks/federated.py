@@ -136,17 +136,17 @@ def fedau_unknown_participation(rounds=2000, seeds=(0,), quick=False):
       model_p = (fpart.Bernoulli(probs) if pattern == "bernoulli"
                  else fpart.Markov(probs, 0.05))
       part = model_p.sample(rounds, seed)
+      cap = max(1, int(part.sum(1).max()))   # exact: no participant dropped
       algs = {
-          "fedau": fl.fedau(loss, optax.sgd(0.1), local, n),
-          "oracle": fl.fedavg(loss, optax.sgd(0.1), local, n,
+          "fedau": fl.fedau(loss, optax.sgd(0.1), local, n, capacity=cap),
+          "oracle": fl.fedavg(loss, optax.sgd(0.1), local, n, capacity=cap,
                               aggregator=fl.known_probability(probs)),
+          "participants": fl.fedavg(loss, optax.sgd(0.1), local, n,
+                                    capacity=cap,
+                                    aggregator=fl.participant_mean()),
       }
       if quick:
         del algs["oracle"]
-      algs |= {
-          "participants": fl.fedavg(loss, optax.sgd(0.1), local, n,
-                                    aggregator=fl.participant_mean()),
-      }
       for name, alg in algs.items():
         st = _scan_rounds(alg, model.init(None), train, part, 5, seed)
         acc[name].append(float(models.accuracy(model, st.params, xt, yt)))

@@ -108,3 +108,39 @@ def test_pfedme_personalize_closed_form():
                              rtol=1e-4)
   with pytest.raises(ValueError, match="lam"):
     fl.pfedme(loss, fl.LocalConfig(1), 2, lam=0.0)
+
+
+def test_hypergradient_server_rate():
+  tx = fl.scale_by_hypergradient()
+  p1 = {"w": jnp.array([1.0, 0.0])}
+  p2 = {"w": jnp.array([0.5, 2.0])}
+  s = tx.init(p1)
+  u1, s = tx.update(p1, s)
+  np.testing.assert_allclose(u1["w"], -p1["w"])          # agg_1 = 0
+  u2, s = tx.update(p2, s)
+  np.testing.assert_allclose(u2["w"], -(1 + 0.5) * p2["w"], rtol=1e-6)
+  big = {"w": jnp.array([100.0, 0.0])}
+  _, s = tx.update(big, s)
+  _, s = tx.update(big, s)
+  assert float(s.agg) == pytest.approx(4.0)              # clipped at 4
+  neg = {"w": jnp.array([-100.0, 0.0])}
+  _, s = tx.update(neg, s)
+  assert float(s.agg) == pytest.approx(-0.8)             # clipped at -0.8
+
+
+def test_fedspeed_without_sam_and_prox_is_fedavg_plus_mean_h(quad_data):
+  local = fl.LocalConfig(1, "steps", 2)
+  fs = fl.fedspeed(_quad, 0.3, local, 4, rho=0.0, lam=0.0, weight_decay=0.0,
+                   clip_norm=1e6)
+  avg = fl.fedavg(_quad, optax.sgd(0.3), local, 4,
+                  aggregator=fl.participant_mean())
+  part = np.array([1, 1, 0, 1], bool)
+  inp = fl.make_round_input(part, jax.random.key(0), 2)
+  p0 = {"w": jnp.ones(3)}
+  a, _ = jax.jit(fs.round)(fs.init(p0), quad_data, inp)
+  b, _ = jax.jit(avg.round)(avg.init(p0), quad_data, inp)
+  mean_delta = np.asarray(b.params["w"]) - 1.0
+  np.testing.assert_allclose(a.params["w"],
+                             np.asarray(b.params["w"]) + 3 * mean_delta / 4,
+                             rtol=1e-5)
+  np.testing.assert_allclose(a.h["w"][2], 0.0)           # absent client
