@@ -198,34 +198,9 @@ def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
     max_steps = cfg.max_steps(m)
   n_k = jnp.asarray(n_k, jnp.int32)
   budget = _steps_for(cfg, n_k, work_k)
-  bsz = cfg.batch_size
   ctx = dict(ctx or {})
   ctx["anchor"] = params
-  safe_n = jnp.maximum(n_k, 1)
-
-  if cfg.unit == "epochs":
-    per_epoch = jnp.maximum(1, (n_k + bsz - 1) // bsz)
-    epoch_keys = jax.random.split(key, cfg.max_work)
-    ranks = jnp.arange(m)
-
-    def perm(k):
-      # valid slots first, in random order
-      u = jax.random.uniform(k, (m,))
-      return jnp.argsort(jnp.where(ranks < n_k, u, 2.0))
-
-    perms = jax.vmap(perm)(epoch_keys)   # [E, M]
-
-    def batch_at(s):
-      e = jnp.minimum(s // per_epoch, cfg.max_work - 1)
-      j = s % per_epoch
-      pos = j * bsz + jnp.arange(bsz)
-      idx = perms[e, jnp.minimum(pos, m - 1)]
-      mask = (pos < n_k).astype(jnp.float32)
-      return idx, mask
-  else:
-    def batch_at(s):
-      idx = jax.random.randint(jax.random.fold_in(key, s), (bsz,), 0, safe_n)
-      return idx, jnp.ones((bsz,), jnp.float32)
+  batch_at = make_batcher(cfg, examples_k, n_k, key)
 
   opt_state = tx.init(params)
   if grad_fn is None:
@@ -234,9 +209,7 @@ def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
 
   def step(carry, s):
     y, opt, loss_sum = carry
-    idx, mask = batch_at(s)
-    batch = jax.tree.map(lambda a: a[idx], examples_k)
-    batch["mask"] = mask
+    batch = batch_at(s)
     loss, g = grad_fn(y, batch, ctx)
     if grad_hook is not None:
       g = grad_hook(g, y, ctx)
@@ -285,8 +258,9 @@ def map_clients(fn: Callable, in_axes, mesh=None,
   def mapped(*args):
     size = mesh.shape[axis_name]
     for a, x in zip(in_axes, args):
-      if a == 0:
-        c = jax.tree.leaves(x)[0].shape[0]
+      leaves = jax.tree.leaves(x)
+      if a == 0 and leaves:
+        c = leaves[0].shape[0]
         if c % size:
           raise ValueError(
               f"{c} mapped clients do not split over the {size} devices of "
@@ -530,3 +504,49 @@ def sam_grad_fn(loss_fn: LossFn, rho: float) -> Callable:
     _, g2 = vg(tree_add(params, e), batch)
     return loss, g2
   return grad_fn
+
+
+def make_batcher(cfg: LocalConfig, examples_k: dict, n_k, key) -> Callable:
+  """``batch_at(s) -> batch``: the s-th local minibatch of one client.
+
+  ``"steps"``: B indices uniform with replacement over the n_k real examples,
+  drawn with ``fold_in(key, s)``. ``"epochs"``: epoch e uses a fresh shuffle
+  (key ``split(key, max_work)[e]``), ``ceil(n_k/B)`` minibatches per epoch,
+  the last one partial (its padding has ``mask`` 0).
+  """
+  examples_k = jax.tree.map(jnp.asarray, examples_k)
+  m = jax.tree.leaves(examples_k)[0].shape[0]
+  n_k = jnp.asarray(n_k, jnp.int32)
+  bsz = cfg.batch_size
+  safe_n = jnp.maximum(n_k, 1)
+  if cfg.unit == "epochs":
+    per_epoch = jnp.maximum(1, (n_k + bsz - 1) // bsz)
+    epoch_keys = jax.random.split(key, cfg.max_work)
+    ranks = jnp.arange(m)
+
+    def perm(k):
+      # valid slots first, in random order
+      u = jax.random.uniform(k, (m,))
+      return jnp.argsort(jnp.where(ranks < n_k, u, 2.0))
+
+    perms = jax.vmap(perm)(epoch_keys)   # [E, M]
+
+    def batch_at(s):
+      e = jnp.minimum(s // per_epoch, cfg.max_work - 1)
+      j = s % per_epoch
+      pos = j * bsz + jnp.arange(bsz)
+      idx = perms[e, jnp.minimum(pos, m - 1)]
+      mask = (pos < n_k).astype(jnp.float32)
+      return idx, mask
+  else:
+    def batch_at(s):
+      idx = jax.random.randint(jax.random.fold_in(key, s), (bsz,), 0, safe_n)
+      return idx, jnp.ones((bsz,), jnp.float32)
+
+  def batch_at_full(s):
+    idx, mask = batch_at(s)
+    batch = jax.tree.map(lambda a: a[idx], examples_k)
+    batch["mask"] = mask
+    return batch
+
+  return batch_at_full
