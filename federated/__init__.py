@@ -27,6 +27,7 @@ from gradax.federated.decentralized import (DecentralizedState, dfedavg,
 from gradax.federated.asynchronous import fedbuff, tiered_speeds, SpeedModel
 from gradax.federated.fedhyper import fedhyper, scale_by_hypergradient
 from gradax.federated.fedspeed import fedspeed
+from gradax.federated.fedamd import fedamd
 from gradax.federated import participation
 from gradax.federated import data
 from gradax.federated import models

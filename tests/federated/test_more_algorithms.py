@@ -144,3 +144,27 @@ def test_fedspeed_without_sam_and_prox_is_fedavg_plus_mean_h(quad_data):
                              np.asarray(b.params["w"]) + 3 * mean_delta / 4,
                              rtol=1e-5)
   np.testing.assert_allclose(a.h["w"][2], 0.0)           # absent client
+
+
+def test_fedamd_anchor_then_sarah_miners_closed_form(quad_data):
+  # anchor_prob=2: round 0 everybody is an anchor, round 1 everybody mines.
+  # On f_n(y) = |y - a_n|^2/2, SARAH gives v_k = (1-g)^k v_0, so
+  # y_K = x - g * sum_k (1-g)^k v_0 with v_0 = (1/N) sum_S (x - a_n).
+  n, k, gamma = 4, 3, 0.2
+  alg = fl.fedamd(_quad, gamma, fl.LocalConfig(1, "steps", k), n,
+                  anchor_prob=2)
+  rnd = jax.jit(alg.round)
+  part = np.array([1, 1, 0, 1], bool)
+  x0 = np.ones(3, np.float32)
+  s0 = alg.init({"w": jnp.asarray(x0)})
+  s1, d1 = rnd(s0, quad_data, fl.make_round_input(part, jax.random.key(0), k))
+  assert int(d1["num_anchors"]) == 3 and int(d1["num_miners"]) == 0
+  np.testing.assert_allclose(s1.params["w"], x0)          # anchors only
+  a = np.asarray(quad_data.examples["a"][:, 0])
+  np.testing.assert_allclose(s1.anchor_grads["w"][part], x0 - a[part],
+                             rtol=1e-6)
+  s2, d2 = rnd(s1, quad_data, fl.make_round_input(part, jax.random.key(1), k))
+  assert int(d2["num_miners"]) == 3
+  v0 = (x0 - a[part]).sum(0) / n
+  want = x0 - gamma * sum((1 - gamma) ** j for j in range(k)) * v0
+  np.testing.assert_allclose(s2.params["w"], want, rtol=1e-5)
