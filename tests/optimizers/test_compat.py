@@ -69,9 +69,12 @@ class Entry:
 
 # Arguments that set shapes or Python control flow; inject_hyperparams keeps
 # them static.
-STATIC_ARGS = ("rank", "update_proj_gap", "update_gap", "density", "window",
-               "block_size", "quant_block_size", "history_size",
-               "subset_size", "seed")
+STATIC_ARGS = tuple(dict.fromkeys((
+    "rank", "update_proj_gap", "update_gap", "density", "window",
+    "block_size", "quant_block_size", "history_size", "subset_size", "seed",
+    "num_checkpoints", "checkpoint_every", "num_clusters",
+    "precondition_every", "statistics_every", "start_preconditioning_step",
+    *getattr(gx, "SHAMPOO_STATIC_ARGS", ()))))
 
 REGISTRY = [
     # --- memory-efficient optimizers -------------------------------------
@@ -90,9 +93,6 @@ REGISTRY = [
           tol=5e-2),
     Entry("apollo", gx.apollo, dict(learning_rate=0.02, rank=1,
                                      update_proj_gap=50)),
-    Entry("apollo_svd", gx.apollo, dict(learning_rate=0.02, rank=1,
-                                         update_proj_gap=50,
-                                         projection="svd")),
     Entry("apollo_mini", gx.apollo_mini, dict(learning_rate=0.01,
                                                update_proj_gap=50)),
     Entry("apollo_mini_vec", gx.apollo_mini, dict(
@@ -107,14 +107,32 @@ REGISTRY = [
     # lr scale: tol 5e-2.
     Entry("grass", gx.grass, dict(learning_rate=0.01, rank=1,
                                    update_proj_gap=50), tol=5e-2),
-    Entry("grass_top_norm", gx.grass, dict(
-        learning_rate=0.01, rank=1, update_proj_gap=50,
-        selection="top_norm"), tol=5e-2),
     # damping 0.1: Rosenbrock's gradients reach 1e2-1e4, and with the default
     # 1e-3 the complement term (g - GᵀG g-part)/λ dominates the step there.
     Entry("natural_galore", gx.natural_galore, dict(
         learning_rate=0.02, rank=1, update_proj_gap=50, history_size=3,
         damping=0.1)),
+    # --- other gradax optimizers ---------------------------------------------
+    Entry("grams", gx.grams, dict(learning_rate=0.01)),
+    Entry("optimistic_amsgrad", gx.optimistic_amsgrad,
+          dict(learning_rate=0.01)),
+    # The training params are checked; lawa_eval_params is tested in
+    # test_lawa.py.
+    Entry("lawa_adamw", gx.lawa_adamw, dict(
+        learning_rate=0.01, num_checkpoints=3, checkpoint_every=10,
+        weight_decay=0.0)),
+    Entry("multi_momentum", gx.multi_momentum, dict(learning_rate=1e-3)),
+    # OASIS's PRNG-key state leaf comes back with sharding P(None,) instead of
+    # init's P() under an explicit mesh, so the second step recompiles (to be
+    # fixed in optimizers/oasis.py: pin the key's sharding).
+    Entry("oasis", gx.oasis, dict(learning_rate=1.0),
+          extra=lambda obj_fn: {"obj_fn": obj_fn},
+          exclude={"sharding": "second step recompiles: key state changes "
+                               "sharding P() -> P(None,)"}),
+    Entry("clipped_sgd", gx.clipped_sgd, dict(learning_rate=0.02,
+                                              momentum=0.9)),
+    Entry("adagrad_norm", gx.adagrad_norm, dict(learning_rate=1.0)),
+    Entry("shampoo", gx.shampoo, dict(learning_rate=0.01)),
 ]
 
 IDS = [e.name for e in REGISTRY]
