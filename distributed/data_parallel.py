@@ -47,8 +47,10 @@ class TrainAlgorithm(NamedTuple):
       parameters (host or device arrays); the state is placed on the mesh.
     step: ``step(state, batch) -> (state, metrics)``; ``batch`` is the global
       batch (leading axis = global batch size, divisible by the number of
-      replicas); ``metrics`` is a dict of scalar arrays with at least
-      ``"loss"`` (mean training loss over replicas, before the update).
+      replicas); ``metrics`` is a dict of scalars (device or host) with at
+      least ``"loss"`` (mean training loss over replicas, before the update).
+      Algorithms whose step has no collective to carry the loss return a
+      host value (they block on the step).
     eval_params: ``eval_params(state) -> params``: the parameters to evaluate
       (the global/outer parameters for local-update algorithms).
     bytes_per_step: ``bytes_per_step(params) -> float``: bytes each device
@@ -484,9 +486,17 @@ def data_parallel(
                      axis_name)
     return state._replace(reducer_state=rstate)
 
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+
   def step(state, batch):
     _, jitted = get(state.params)
-    return jitted(state, place_batch(batch, mesh, axis_name))
+    out = jitted(state, place_batch(batch, mesh, axis_name))
+    if on_cpu:
+      # XLA:CPU runs each device's part of a program as soon as that device's
+      # inputs are ready; with several collective programs in flight the
+      # rendezvous threads can starve each other. One program at a time.
+      jax.block_until_ready(out)
+    return out
 
   def eval_params(state):
     return state.params

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
@@ -98,7 +99,7 @@ def eager_diloco(
                                            mean, rstate)
 
   def eval_params(s, r):
-    return jax.tree.map(lambda x: jnp.mean(x, axis=0), r[0])
+    return jax.tree.map(lambda x: np.mean(np.asarray(x), axis=0), r[0])
 
   del M
   return local_update(

@@ -91,6 +91,13 @@ def check_period(sync_every: Any, name: str = "sync_every") -> int:
   return int(sync_every)
 
 
+def _host_mean(losses: jax.Array) -> np.ndarray:
+  # Mean of the per-replica losses on the host: launching a separate
+  # collective program for a metric can interleave with the next step's
+  # collectives on XLA:CPU and deadlock its rendezvous.
+  return np.float32(np.mean(np.asarray(losses)))
+
+
 def tree_sub(a, b):
   return jax.tree.map(lambda x, y: x - y, a, b)
 
@@ -232,7 +239,7 @@ def local_update(
   def step(state, batch):
     _, jitted, _ = get(one_replica(state))
     state, losses = jitted(state, place_batch(batch, mesh, axis_name))
-    return state, {"loss": jnp.mean(losses)}
+    return state, {"loss": _host_mean(losses)}
 
   def round_(state, batches):
     """Runs H inner steps and one sync; ``batches`` has a leading axis H."""
@@ -246,7 +253,7 @@ def local_update(
                        jax.tree.map(lambda _: P(None, axis_name), batches),
                        axis_name)
     state, losses = jitted(state, batches)
-    return state, {"loss": jnp.mean(losses)}
+    return state, {"loss": _host_mean(losses)}
 
   def eval_params(state):
     return sync.eval_params(state.sync_state, state.replica_sync_state)

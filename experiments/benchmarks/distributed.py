@@ -94,6 +94,7 @@ def _loss_rows(task, params, mesh, quick):
     else:
       for b in batches:
         s, _ = alg.step(s, b)
+        jax.block_until_ready(s)   # one collective program in flight (CPU)
     return float(eval_fn(alg.eval_params(s)))
 
   dp_loss = train(gd.data_parallel(task.loss, optax.adamw(lr), mesh))
