@@ -81,7 +81,8 @@ def power_iteration_max_eig(a: jax.Array, num_iters: int = 20) -> jax.Array:
   Rayleigh quotient after ``num_iters`` matrix-vector products.
   """
   n = a.shape[-1]
-  v = jnp.ones(a.shape[:-1], a.dtype) + jnp.linspace(0.0, 0.5, n, dtype=a.dtype)
+  # Built from `a` so it has a's varying-ness inside shard_map.
+  v = a[..., 0] * 0.0 + 1.0 + jnp.linspace(0.0, 0.5, n, dtype=a.dtype)
 
   def body(_, v):
     w = jnp.einsum("...ij,...j->...i", a, v)
