@@ -16,6 +16,15 @@ import ml_collections
 # The optimizers compared by default, one spec per line.
 OPTIMIZERS = (
     "adamw",
+    # Memory-efficient optimizers (ranks fit char_lm's d_model=64; gaps suit
+    # a few hundred steps).
+    "microadam",
+    "frugal:density=0.25:update_gap=50",
+    "apollo:rank=8:update_proj_gap=50",
+    "apollo_mini:update_proj_gap=50:vector_mode=apollo",
+    "subset_norm_subspace_momentum:rank=8:update_proj_gap=50",
+    "grass:rank=8:update_proj_gap=50",
+    "natural_galore:rank=8:update_proj_gap=50",
 )
 
 # Tuned learning rates: optimizer name -> {task name -> learning rate}.
@@ -23,6 +32,13 @@ OPTIMIZERS = (
 # warning. One line per optimizer.
 LEARNING_RATES = {
     "adamw": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
+    "microadam": {"char_lm": 3e-2, "digits_mlp": 3e-2},
+    "frugal": {"char_lm": 3e-3, "digits_mlp": 3e-3},
+    "apollo": {"char_lm": 3e-2, "digits_mlp": 1e-1},
+    "apollo_mini": {"char_lm": 3e-2, "digits_mlp": 3e-2},
+    "subset_norm_subspace_momentum": {"char_lm": 3e-2, "digits_mlp": 1e-1},
+    "grass": {"char_lm": 3e-2, "digits_mlp": 3e-2},
+    "natural_galore": {"char_lm": 1e-2, "digits_mlp": 3e-2},
 }
 
 DEFAULT_LEARNING_RATE = 1e-3
