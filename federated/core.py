@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gradax.federated import aggregators as aggs
+
 PyTree = Any
 LossFn = Callable[[PyTree, dict], jax.Array]
 # grad_hook(grads, params, ctx) -> grads; ctx always holds "anchor" (the
@@ -362,11 +364,6 @@ def as_client_data(examples: dict, num_examples) -> ClientData:
   return ClientData(examples, num_examples)
 
 
-def _agg_types():
-  from gradax.federated import aggregators  # local import: no cycle at load
-  return aggregators
-
-
 def local_update_algorithm(loss_fn: LossFn,
                            client_tx: optax.GradientTransformation,
                            local: LocalConfig, *, num_clients: int,
@@ -413,7 +410,6 @@ def local_update_algorithm(loss_fn: LossFn,
   if not 1 <= cap <= num_clients:
     raise ValueError(
         f"capacity must lie in [1, num_clients={num_clients}], got {capacity}.")
-  aggs = _agg_types()
 
   def init(params):
     return ServerState(params, server_tx.init(params),
@@ -499,7 +495,7 @@ def sam_grad_fn(loss_fn: LossFn, rho: float) -> Callable:
   def grad_fn(params, batch, ctx):
     del ctx
     loss, g = vg(params, batch)
-    norm = optax.global_norm(g)
+    norm = optax.tree.norm(g)
     e = jax.tree.map(lambda x: rho * x / jnp.maximum(norm, 1e-12), g)
     _, g2 = vg(tree_add(params, e), batch)
     return loss, g2
