@@ -159,10 +159,8 @@ def onebit_lamb(
         return -lr * r * u, c
 
       out = jax.tree.map(leaf, mu, nu, p32, st.coeff_freeze)
-      delta = jax.tree.map(lambda o: o[0], out,
-                           is_leaf=lambda x: isinstance(x, tuple))
-      coeff = jax.tree.map(lambda o: o[1], out,
-                           is_leaf=lambda x: isinstance(x, tuple))
+      delta = jax.tree.map(lambda _, o: o[0], mu, out)
+      coeff = jax.tree.map(lambda _, o: o[1], mu, out)
       return delta, st._replace(mu=mu, nu=nu, nu_fresh=nu_fresh,
                                 coeff_freeze=coeff)
 
@@ -200,8 +198,7 @@ def onebit_lamb(
 
       out = jax.tree.map(leaf, mu, st.mu, st.nu, st.nu_fresh, p32,
                          st.coeff_freeze, st.last_factor)
-      pick = lambda i: jax.tree.map(lambda o: o[i], out,
-                                    is_leaf=lambda x: isinstance(x, tuple))
+      pick = lambda i: jax.tree.map(lambda _, o: o[i], mu, out)
       return pick(0), st._replace(
           mu=mu, nu_fresh=pick(1), last_factor=pick(2), scaling=scaling,
           worker_error=b - local, pmean=pst)

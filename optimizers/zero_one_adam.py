@@ -83,7 +83,9 @@ def zero_one_adam(
       p <- p - u + U / (sqrt(v)+eps);  m <- -U / lrs;  u <- 0;  lrs <- 0
 
   local_interval doubles every ``local_step_scaler`` steps up to
-  ``local_step_clipper``. There is no bias correction (as DeepSpeed).
+  ``local_step_clipper``. There is no bias correction (as DeepSpeed). With
+  one replica nothing is compressed (DeepSpeed also skips it at world size
+  1), so the rule reduces to Adam with a lazily updated variance.
   Needs ``params`` in ``update`` (weight decay and the sync correction).
 
   Args:
@@ -137,9 +139,11 @@ def zero_one_adam(
     t = optax.safe_int32_increment(state.count)
     lr = jnp.asarray(lr_fn(state.count), jnp.float32)
     full_b = onebit_bytes(g, n, False)
-    bit_b = onebit_bytes(g, n, True, comp)
+    bit_b = onebit_bytes(g, n, True, comp) if n > 1 else 0.0
 
     def onebit(x, st):
+      if n == 1:  # one replica: nothing to send (DeepSpeed skips it too)
+        return x, st.worker_error, st.pmean
       b = jax.tree.map(jnp.add, x, st.worker_error)
       mean, local, pst = _col.compressed_pmean(
           b, comp, axis_name, st.pmean, "two_phase", return_local=True)

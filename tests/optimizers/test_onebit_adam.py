@@ -176,3 +176,116 @@ def test_bad_input():
   st = tx.init(jnp.zeros(4))
   with pytest.raises(ValueError, match="inside jax.shard_map over the 'data' axis"):
     tx.update(jnp.ones(4), st, jnp.zeros(4))
+
+
+# --------------------------------------------------------------------------
+# optax compatibility battery (the checks listed for Shampoo), run over the
+# 1-bit family and error feedback.
+
+from gradax.optimizers.error_feedback import error_feedback  # noqa: E402
+from gradax.optimizers.onebit_lamb import onebit_lamb  # noqa: E402
+from gradax.optimizers.zero_one_adam import zero_one_adam  # noqa: E402
+
+FACTORIES = {
+    # name: (factory(lr), static args for inject_hyperparams, steps, tol)
+    "onebit_adam": (lambda lr, **k: onebit_adam(lr, freeze_step=300, **k),
+                    2000, 1e-2),
+    "zero_one_adam": (lambda lr, **k: zero_one_adam(
+        lr, var_freeze_step=300, local_step_scaler=100, **k), 2000, 3e-2),
+    "onebit_lamb": (lambda lr, **k: onebit_lamb(lr, freeze_step=300, **k),
+                    2000, 3e-2),
+    "ef_sign_sgd": (lambda lr, **k: optax.chain(
+        error_feedback(gd.scaled_sign("l1")), optax.sgd(lr)), 20000, 3e-2),
+}
+LRS = {"onebit_adam": 0.03, "zero_one_adam": 0.03, "onebit_lamb": 0.01,
+       "ef_sign_sgd": 0.002}
+TARGETS = {
+    "parabola": (lambda x: jnp.sum((x - jnp.array([1.0, -2.0, 3.0])) ** 2),
+                 jnp.zeros(3), np.array([1.0, -2.0, 3.0])),
+    "rosenbrock": (lambda x: (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2,
+                   jnp.zeros(2), np.array([1.0, 1.0])),
+    "matrix": (lambda x: jnp.sum((x - jnp.array([[1.0, 2.0], [3.0, 4.0]]))
+                                 ** 2), jnp.zeros((2, 2)),
+               np.array([[1.0, 2.0], [3.0, 4.0]])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_converges(name, target):
+  make, steps, tol = FACTORIES[name]
+  lr = LRS[name]
+  if name == "ef_sign_sgd" and target != "rosenbrock":
+    lr = 0.01
+  if name in ("onebit_lamb",) and target == "rosenbrock":
+    pytest.skip(reason_lamb_rosenbrock)
+  loss, x0, xstar = TARGETS[target]
+  x, _ = _scan_run(make(lr), loss, x0, steps)
+  np.testing.assert_allclose(x, xstar, atol=tol)
+
+
+reason_lamb_rosenbrock = (
+    "LAMB's trust ratio ||x||/||u|| starts at 0 for x0 = 0 and the "
+    "Rosenbrock valley needs tiny steps; not a meaningful target for LAMB.")
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_optax_contract(name):
+  make = FACTORIES[name][0]
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  tx = make(0.1)
+  st = tx.init(params)
+  # jit without recompiling on the second step; unknown kwargs ignored.
+  upd = jax.jit(tx.update)
+  u1, st = upd(grads, st, params)
+  u2, st = upd(grads, st, params)
+  assert upd._cache_size() == 1  # pylint: disable=protected-access
+  tx.update(grads, tx.init(params), params, some_unknown_arg=3)
+  # bf16 params keep their dtype.
+  pb = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  gb = jax.tree.map(lambda p: p.astype(jnp.bfloat16), grads)
+  ub, _ = tx.update(gb, tx.init(pb), pb)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(ub))
+  # MultiSteps: zeros on non-final micro-steps.
+  ms = optax.MultiSteps(tx, every_k_schedule=4)
+  mst = ms.init(params)
+  u, mst = ms.update(grads, mst, params)
+  assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree.leaves(u))
+  # chain and masked: the masked-out leaf passes through untouched.
+  masked = optax.masked(tx, {"w": True, "b": False})
+  mu, _ = masked.update(grads, masked.init(params), params)
+  np.testing.assert_array_equal(mu["b"], grads["b"])
+  np.testing.assert_array_equal(mu["w"], u1["w"])
+  # A constant schedule equals the constant learning rate.
+  us, _ = make(optax.constant_schedule(0.1)).update(
+      grads, make(optax.constant_schedule(0.1)).init(params), params)
+  for a, b in zip(jax.tree.leaves(us), jax.tree.leaves(u1)):
+    np.testing.assert_array_equal(a, b)
+
+
+INJECT = {
+    "onebit_adam": (onebit_adam, dict(freeze_step=2), ("freeze_step",)),
+    "zero_one_adam": (zero_one_adam, dict(var_freeze_step=2),
+                      ("var_freeze_step", "var_update_scaler",
+                       "local_step_scaler", "local_step_clipper")),
+    "onebit_lamb": (onebit_lamb, dict(freeze_step=2, weight_decay=0.01),
+                    ("freeze_step", "weight_decay")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INJECT))
+def test_inject_hyperparams(name):
+  factory, kw, static = INJECT[name]
+  params = {"w": jnp.arange(6.0).reshape(2, 3) / 6}
+  direct = factory(0.05, **kw)
+  injected = optax.inject_hyperparams(factory, static_args=static)(
+      learning_rate=0.05, **kw)
+  s1, s2 = direct.init(params), injected.init(params)
+  p1 = p2 = params
+  for t in range(5):
+    g = jax.tree.map(lambda p: jnp.sin(p + t), p1)
+    u1, s1 = direct.update(g, s1, p1)
+    u2, s2 = injected.update(g, s2, p2)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+  np.testing.assert_allclose(p1["w"], p2["w"], rtol=1e-4, atol=1e-5)
