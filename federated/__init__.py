@@ -14,7 +14,8 @@ from gradax.federated.aggregators import (Aggregator, AggregatorInput,
                                           trimmed_mean)
 from gradax.federated.fedavg import fedavg
 from gradax.federated.fedprox import fedprox, proximal_hook
-from gradax.federated.fedau import FedAUState, fedau, fedau_aggregator
+from gradax.federated.fedau import (FedAUState, fedau, fedau_aggregator,
+                                    fedau_weights)
 from gradax.federated.fedopt import (fedadagrad, fedadam, fedavgm, fedopt,
                                      fedyogi)
 from gradax.federated.scaffold import ScaffoldState, scaffold
