@@ -300,8 +300,7 @@ def int_quantize(bits: int = 8, block_size: int = 256,
       name=f"int{bits}", init=lambda shape: (), encode=encode, decode=decode,
       payload_nbytes=nbytes, linear=False,
       randomness="private" if stochastic else "none",
-      chunk_multiple=block_size * (8 // bits) // math.gcd(block_size,
-                                                          8 // bits))
+      chunk_multiple=8 // bits)
 
 
 def int8(block_size: int = 256, stochastic: bool = False) -> Compressor:
@@ -531,7 +530,7 @@ def qsgd(levels: int = 127, bucket_size: int = 128) -> Compressor:
       name=f"qsgd{levels}", init=lambda shape: (), encode=encode,
       decode=decode,
       payload_nbytes=lambda shape: _size(shape) + 4 * nb(_size(shape)),
-      linear=False, randomness="private", chunk_multiple=bucket_size)
+      linear=False, randomness="private")
 
 
 def terngrad(clip_sigma: float | None = 2.5) -> Compressor:
