@@ -25,6 +25,9 @@ OPTIMIZERS = (
     "subset_norm_subspace_momentum:rank=8:update_proj_gap=50",
     "grass:rank=8:update_proj_gap=50",
     "natural_galore:rank=8:update_proj_gap=50",
+    # Shampoo (Adam-grafted, roots every 10 steps) and SOAP.
+    "shampoo:precondition_every=10",
+    "soap:precondition_every=10",
 )
 
 # Tuned learning rates: optimizer name -> {task name -> learning rate}.
@@ -39,6 +42,8 @@ LEARNING_RATES = {
     "subset_norm_subspace_momentum": {"char_lm": 3e-2, "digits_mlp": 1e-1},
     "grass": {"char_lm": 3e-2, "digits_mlp": 3e-2},
     "natural_galore": {"char_lm": 1e-2, "digits_mlp": 3e-2},
+    "shampoo": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
+    "soap": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
 }
 
 DEFAULT_LEARNING_RATE = 1e-3
@@ -49,8 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "char_lm"            # "name" or "name:option=value:..."
   c.optimizers = ",".join(OPTIMIZERS)  # comma-separated optimizer specs
-  c.steps = 300
-  c.batch_size = 32
+  c.steps = 200
+  c.batch_size = 16
   c.learning_rate = 0.0         # > 0 overrides the table for every optimizer
   c.learning_rates = {k: dict(v) for k, v in LEARNING_RATES.items()}
   c.default_learning_rate = DEFAULT_LEARNING_RATE
