@@ -42,8 +42,9 @@ At the end it prints a summary table (also ``<workdir>/summary.md`` and
 headline metric of every optimizer).
 
 Communication bytes: an optimizer that communicates reports the bytes it sent
-per device in its last update as a scalar field named ``comm_bytes`` of any
-NamedTuple in its state (see ``COMM_BYTES_FIELD``). The runner sums these
+per device in its last update as a field named ``comm_bytes`` of any
+NamedTuple in its state (see ``COMM_BYTES_FIELD``): a scalar, or an array with
+a leading replica axis, which is averaged. The runner sums these
 fields, logs them as ``comm_bytes`` and shows MB/step in the summary.
 
 Multi-host: ``--coordinator_address=host:port --num_processes=N
@@ -223,7 +224,8 @@ def comm_bytes(opt_state: Any) -> jax.Array | None:
       for field in node._fields:
         value = getattr(node, field)
         if field == COMM_BYTES_FIELD:
-          found.append(jnp.asarray(value, jnp.float32))
+          # A per-replica array (leading replica axis) is averaged over replicas.
+          found.append(jnp.mean(jnp.asarray(value, jnp.float32)))
         else:
           visit(value)
     elif isinstance(node, (tuple, list)):

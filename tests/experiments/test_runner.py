@@ -145,6 +145,8 @@ def test_comm_bytes_hook_sums_named_fields():
 
   state = (optax.EmptyState(), S(np.float32(10.0), np.zeros(3)), [S(np.float32(2.5), np.ones(2))])
   assert float(runner.comm_bytes(state)) == 12.5
+  per_replica = S(np.array([4.0, 4.0, 6.0, 6.0], np.float32), np.zeros(3))  # leading replica axis
+  assert float(runner.comm_bytes(per_replica)) == 5.0
   assert runner.comm_bytes((optax.EmptyState(),)) is None
 
 
@@ -190,3 +192,11 @@ def test_divergence_stops_without_checkpointing_nan(tmp_path):
     with ocp.CheckpointManager(ckpt_dir) as mngr:
       restored = mngr.restore(step)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(restored))
+
+
+def test_metrics_cut_by_a_kill_are_dropped_on_resume(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  lines = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in (1, 2, 3)]
+  path.write_text("\n".join(lines) + '\n{"step": 4, "split": "tr')  # killed mid-write
+  assert [r["step"] for r in runner._read_jsonl(str(path), upto_step=10)] == [1, 2, 3]
+  assert [r["step"] for r in runner._read_jsonl(str(path), upto_step=2)] == [1, 2]
