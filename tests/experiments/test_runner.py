@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from gradax.experiments import run as runner
@@ -181,14 +182,23 @@ def test_rerun_of_finished_run_trains_nothing(reference, tmp_path):
   assert _records(tmp_path) == _records(ref_dir)
 
 
-def test_divergence_stops_without_checkpointing_nan(tmp_path):
-  rows = runner.run_experiment(_cfg(tmp_path, task="quadratic", optimizers="sgd:learning_rate=10.0",
-                                    steps=40, checkpoint_every=2, eval_every=0, log_every=100))
+def test_comparison_with_a_diverging_optimizer(tmp_path):
+  """A comparison keeps going past a diverging optimizer and never checkpoints NaN."""
+  rows = runner.run_experiment(_cfg(tmp_path, task="quadratic",
+                                    optimizers="sgd:learning_rate=10.0,adamw",
+                                    steps=40, checkpoint_every=2, eval_every=20, log_every=100))
+  assert [r["optimizer"] for r in rows] == ["sgd:learning_rate=10.0", "adamw"]
   assert rows[0]["status"] == "diverged" and rows[0]["steps"] < 40
+  assert rows[1]["status"] == "ok" and rows[1]["steps"] == 40
+  evals = [r for r in _records(tmp_path) if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [0, 20, 40]
+  assert rows[1]["eval_suboptimality"] == evals[-1]["suboptimality"] < 0.5 * evals[0]["suboptimality"]
+  summary = (tmp_path / "summary.md").read_text()
+  assert "sgd:learning_rate=10.0" in summary and "| adamw" in summary
+  assert (tmp_path / "curves.png").stat().st_size > 10_000
   ckpt_dir = tmp_path / "sgd_learning_rate=10.0" / "checkpoints"
   saved = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
   for step in saved:  # whatever was saved is finite
-    import orbax.checkpoint as ocp
     with ocp.CheckpointManager(ckpt_dir) as mngr:
       restored = mngr.restore(step)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(restored))
