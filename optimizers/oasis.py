@@ -19,8 +19,9 @@ class ScaleByOasisState(NamedTuple):
   """State of :func:`scale_by_oasis`.
 
   Attributes:
-    count: steps taken, shape=(), int32.
-    key: PRNG key data for the Rademacher probes, shape=(2,), uint32.
+    count: steps taken, shape=(), int32; the probe of step k is drawn from
+      `fold_in(key(seed), k)`, so no key is stored (and no key sharding can
+      drift under an explicit mesh).
     diag: the Hessian-diagonal EMA :math:`D_k`, like params, float32.
     prev_params: :math:`w_{k-1}` (the params at the previous call).
     step_size: :math:`\\eta_{k-1}`, shape=(), float32.
@@ -29,7 +30,6 @@ class ScaleByOasisState(NamedTuple):
   """
 
   count: jax.Array
-  key: jax.Array
   diag: optax.Updates
   prev_params: optax.Params
   step_size: jax.Array
@@ -107,7 +107,6 @@ def scale_by_oasis(
   def init_fn(params):
     return ScaleByOasisState(
         count=jnp.zeros([], jnp.int32),
-        key=jax.random.key_data(jax.random.key(int(seed))),
         diag=optax.tree.zeros_like(params, dtype=jnp.float32),
         prev_params=jax.tree.map(jnp.asarray, params),
         step_size=jnp.asarray(init_step_size, jnp.float32),
@@ -121,8 +120,7 @@ def scale_by_oasis(
     if obj_fn is None:
       raise ValueError("oasis needs the keyword obj_fn (params -> loss); got "
                        "obj_fn=None.")
-    key = jax.random.wrap_key_data(state.key)
-    key, sub = jax.random.split(key)
+    sub = jax.random.fold_in(jax.random.key(seed), state.count)
     sample = _hutchinson(obj_fn, params, sub)
     first = state.count == 0
     diag = jax.tree.map(
@@ -151,7 +149,6 @@ def scale_by_oasis(
         updates, dhat)
     return new_updates, ScaleByOasisState(
         count=numerics.safe_int32_increment(state.count),
-        key=jax.random.key_data(key),
         diag=diag,
         prev_params=jax.tree.map(
             lambda p, q: jnp.asarray(p).astype(q.dtype), params,
