@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from gradax.distributed.data_parallel import (
     TrainAlgorithm, as_reducer, num_elements)
 from gradax.distributed.diloco import default_outer_optimizer
+from gradax.distributed import sharding as sh
 from gradax.distributed.local_sgd import Sync, local_update
 
 
@@ -99,7 +100,7 @@ def eager_diloco(
                                            mean, rstate)
 
   def eval_params(s, r):
-    return jax.tree.map(lambda x: np.mean(np.asarray(x), axis=0), r[0])
+    return jax.tree.map(lambda x: np.mean(x, axis=0), sh.to_host(r[0]))
 
   del M
   return local_update(

@@ -159,7 +159,7 @@ def just_one_byte(
   def step(state, batch):
     _, jitted = get(one(state))
     state, losses = jitted(state, place_batch(batch, mesh, axis_name))
-    return state, {"loss": np.float32(np.mean(np.asarray(losses)))}
+    return state, {"loss": np.float32(np.mean(sh.to_host(losses)))}
 
   def eval_params(state):
     return sh.replica(state.params, 0)

@@ -95,7 +95,7 @@ def _host_mean(losses: jax.Array) -> np.ndarray:
   # Mean of the per-replica losses on the host: launching a separate
   # collective program for a metric can interleave with the next step's
   # collectives on XLA:CPU and deadlock its rendezvous.
-  return np.float32(np.mean(np.asarray(losses)))
+  return np.float32(np.mean(sh.to_host(losses)))
 
 
 def tree_sub(a, b):

@@ -219,9 +219,19 @@ def replica_view(tree: Any) -> Any:
   return jax.tree.map(lambda x: x[None], tree)
 
 
+def to_host(tree: Any) -> Any:
+  """Host NumPy copies of global arrays, gathering across processes if needed."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
+
+
 def replica(tree: Any, i: int) -> Any:
   """Replica ``i`` of per-replica state, as host NumPy arrays."""
-  return jax.tree.map(lambda x: np.asarray(x)[i], tree)
+  return jax.tree.map(lambda x: x[i], to_host(tree))
 
 
 def bytes_per_device(tree: Any) -> int:
