@@ -353,10 +353,16 @@ class Checkpoints:
 
   @staticmethod
   def _flat(leaves):
-    return {f"{i:05d}": x for i, x in enumerate(leaves)}
+    # orbax cannot store zero-size arrays; those are rebuilt from their shape.
+    return {f"{i:05d}": x for i, x in enumerate(leaves) if math.prod(x.shape) > 0}
 
   def save(self, step: int, state) -> None:
     self.manager.save(step, args=self._ocp.args.StandardSave(self._flat(jax.tree.leaves(state))))
+
+  @staticmethod
+  def _empty(want):
+    return jax.make_array_from_callback(
+        want.shape, want.sharding, lambda idx: np.zeros(want.shape, want.dtype)[idx])
 
   def restore_latest(self, abstract_state) -> tuple[int, Any]:
     """Newest readable checkpoint as ``(step, state)``; ``(0, None)`` if none.
@@ -373,13 +379,12 @@ class Checkpoints:
       step = steps[0]
       try:
         restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
-        values = [restored[k] for k in sorted(target)]
+        values = [restored[f"{i:05d}"] if f"{i:05d}" in target else self._empty(want)
+                  for i, want in enumerate(leaves)]
         for v, want in zip(values, leaves):
           if v.shape != want.shape or v.dtype != want.dtype:
             raise ValueError(f"leaf has shape {v.shape} {v.dtype}, expected {want.shape} {want.dtype}")
-        finite = [bool(jnp.all(jnp.isfinite(v))) for v in values
-                  if jnp.issubdtype(v.dtype, jnp.inexact)]
-        if not all(finite):
+        if not bool(_host(all_finite(values))):
           raise ValueError("it holds non-finite values")
         return step, jax.tree.unflatten(treedef, values)
       except Exception as e:  # pylint: disable=broad-except
