@@ -23,7 +23,6 @@ exact only for element-wise optimizers (SGD, Adam, Lion, ...).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -32,7 +31,7 @@ import numpy as np
 import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from gradax.distributed import sharding as sh

@@ -71,7 +71,6 @@ def eager_diloco(
   outer = default_outer_optimizer() if outer_optimizer is None else (
       outer_optimizer)
   red = as_reducer("mean" if compressor is None else compressor)
-  M = mesh.shape[axis_name] if axis_name in mesh.shape else None
 
   def init(params):
     return ()
@@ -102,7 +101,6 @@ def eager_diloco(
   def eval_params(s, r):
     return jax.tree.map(lambda x: np.mean(x, axis=0), sh.to_host(r[0]))
 
-  del M
   return local_update(
       "eager_diloco", loss_fn, inner_optimizer, mesh,
       Sync(init, init_replica, sync, eval_params, red.nbytes), sync_every,
