@@ -23,6 +23,7 @@ An assignment at position >= C is dropped; its token keeps the residual.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -93,6 +94,7 @@ def _assignment_order(expert_index, gates, priority):
   return (tokens[None, :] * k + jnp.arange(k)[:, None]).reshape(-1)
 
 
+@functools.partial(jax.jit, static_argnames=('num_experts', 'priority'))
 def slot_positions(expert_index, num_experts, *, priority="k_major",
                    gates=None):
   """Position of each assignment in its expert's queue.
@@ -117,6 +119,7 @@ def slot_positions(expert_index, num_experts, *, priority="k_major",
   return pos.reshape(expert_index.shape).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=('num_experts', 'capacity', 'priority'))
 def apply_capacity(expert_index, combine_weights, num_experts, capacity, *,
                    priority="k_major"):
   """Drops the assignments beyond each expert's capacity.
@@ -159,6 +162,7 @@ def drop_overflow(expert_index, combine_weights, num_experts, capacity):
                         priority="score")
 
 
+@functools.partial(jax.jit, static_argnames=('capacity',))
 def reroute_overflow(expert_index, combine_weights, router_probs, capacity):
   """Capacity-aware rerouting: overflow goes to the next-best expert with room.
 

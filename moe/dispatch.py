@@ -28,6 +28,7 @@ the gated form ``(act(x W_g[e]) * x W_i[e]) W_o[e]`` (SwiGLU with silu).
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,7 @@ def _capacity(expert_index, combine_weights, num_experts, capacity, priority):
                                      capacity, priority=priority)
 
 
+@functools.partial(jax.jit, static_argnames=('activation', 'capacity', 'priority'))
 def loop_dispatch(x, expert_index, combine_weights, expert_params, *,
                   activation=jax.nn.gelu, capacity=None, priority="k_major"):
   """Per-expert loop oracle: y = sum_e gate_e(x) * FFN_e(x) over all tokens.
@@ -125,6 +127,7 @@ def einsum_masks(expert_index, combine_weights, kept, positions, num_experts,
   return dispatch, combine
 
 
+@functools.partial(jax.jit, static_argnames=('activation', 'capacity', 'priority'))
 def einsum_dispatch(x, expert_index, combine_weights, expert_params, *,
                     activation=jax.nn.gelu, capacity=None, priority="k_major"):
   """GShard-style dense einsum dispatch with capacity.
@@ -196,6 +199,7 @@ def sorted_experts(x, expert_index, combine_weights, kept, expert_params,
   return jnp.einsum("tkd,tk->td", ys.astype(jnp.float32), w).astype(x.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=('activation', 'capacity', 'priority'))
 def sorted_dispatch(x, expert_index, combine_weights, expert_params, *,
                     activation=jax.nn.gelu, capacity=None, priority="k_major"):
   """Dropless sorted dispatch with ``jax.lax.ragged_dot`` (MegaBlocks style).

@@ -209,7 +209,9 @@ def expert_parallel_moe(x, router_weight, expert_params, *, mesh, k=2,
     return y.astype(xl.dtype), _aux(r, kept, token_axes)
 
   def ring_body(xl, wr, p):
-    xg = jax.lax.all_gather(xl, expert_axis, tiled=True, to="invarying")
+    # A varying gather: an invariant one would transpose to a plain slice and
+    # lose the other devices' contributions to dx.
+    xg = jax.lax.all_gather(xl, expert_axis, tiled=True)
     r = route(xg, wr)
     e_local = p["wi"].shape[0]
     local = r.expert_index - jax.lax.axis_index(expert_axis) * e_local
@@ -221,7 +223,10 @@ def expert_parallel_moe(x, router_weight, expert_params, *, mesh, k=2,
       part = jax.lax.psum(part, model_axis)
     y = jax.lax.psum_scatter(part, expert_axis, scatter_dimension=0,
                              tiled=True)
-    return y, _aux(r, r.expert_index >= 0, data_axis)
+    # Every device routed the same tokens; pmean marks the aux as replicated.
+    aux = jax.tree.map(lambda v: jax.lax.pmean(v, expert_axis),
+                       _aux(r, r.expert_index >= 0, data_axis))
+    return y, aux
 
   body = a2a_body if strategy == "all_to_all" else ring_body
   f = jax.shard_map(body, mesh=mesh, in_specs=(token_spec, P(), specs),

@@ -25,8 +25,25 @@ from gradax.moe import routing as routing_lib
 ROUTERS = ("top_k", "switch", "gshard", "expert_choice", "m6t", "hash")
 OVERFLOW_POLICIES = (None, "drop", "reroute")
 
-_expert_init = jax.nn.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+def _uniform_init(key, shape, fan_in, dtype=jnp.float32):
+  """LeCun-uniform: U(-sqrt(3/fan_in), sqrt(3/fan_in)), variance 1/fan_in.
+
+  Drawn as one power-of-two-long vector and sliced, so layers of many shapes
+  share a handful of compiled RNG programs (each costs ~0.5 s of XLA:CPU
+  compile; truncated normals cost several seconds).
+  """
+  n = math.prod(shape)
+  size = 1 << max(n - 1, 1).bit_length()
+  u = jax.random.uniform(key, (size,), jnp.float32, -1.0, 1.0)[:n]
+  return (u.reshape(shape) * math.sqrt(3.0 / fan_in)).astype(dtype)
+
+
+def _expert_init(key, shape):
+  return _uniform_init(key, shape, shape[-2])
+
+
+def _dense_init(key, shape, dtype=jnp.float32):
+  return _uniform_init(key, shape, shape[-2], dtype)
 
 
 def _check_positive_int(name, value, minimum=1):
@@ -169,7 +186,7 @@ class MoE(nnx.Module):
     self.z_loss_weight, self.mi_loss_weight = z_loss_weight, mi_loss_weight
     self.deterministic = False
 
-    init = jax.nn.initializers.lecun_normal()
+    init = _dense_init
     self.router_weight = nnx.Param(init(rngs.params(), (d_model, total)))
     if gating_residual:
       self.gate_residual = nnx.Param(jnp.zeros((total, total)))
@@ -188,7 +205,7 @@ class MoE(nnx.Module):
       self.constant_gate = nnx.Param(
           init(rngs.params(), (constant_experts, d, 2)))
       self.constant_value = nnx.Param(
-          jax.random.normal(rngs.params(), (constant_experts, d)) * 0.02)
+          _uniform_init(rngs.params(), (constant_experts, d), 2500.0))
 
   def expert_params(self):
     """The routed experts as the dict the dispatchers take."""
@@ -410,15 +427,15 @@ class PEER(nnx.Module):
     self.num_experts, self.k, self.num_heads = num_experts, k, num_heads
     self.d_key, self.activation = d_key, activation
     self.query = nnx.Linear(d_model, num_heads * d_key, use_bias=False,
-                            rngs=rngs)
+                            kernel_init=_dense_init, rngs=rngs)
     self.query_norm = (nnx.BatchNorm(num_heads * d_key, rngs=rngs)
                        if query_batchnorm else None)
-    self.sub_keys = nnx.Param(jax.random.normal(
-        rngs.params(), (num_heads, 2, n, d_key // 2)) / math.sqrt(d_key))
-    self.down = nnx.Param(jax.random.normal(
-        rngs.params(), (num_experts, d_model)) / math.sqrt(d_model))
-    self.up = nnx.Param(jax.random.normal(
-        rngs.params(), (num_experts, d_model)) / math.sqrt(num_heads * k))
+    self.sub_keys = nnx.Param(_uniform_init(
+        rngs.params(), (num_heads, 2, n, d_key // 2), d_key))
+    self.down = nnx.Param(_uniform_init(rngs.params(), (num_experts, d_model),
+                                        d_model))
+    self.up = nnx.Param(_uniform_init(rngs.params(), (num_experts, d_model),
+                                      num_heads * k))
 
   def retrieve(self, x):
     """Top-k (scores, expert indices) per head: each [T, H, k]."""

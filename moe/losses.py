@@ -21,6 +21,7 @@ assignment") with an optional boolean ``mask[T, k]`` of assignments to count.
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +40,7 @@ def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
+@functools.partial(jax.jit, static_argnames=('axis_name',))
 def load_balancing_loss(router_probs, expert_index, *, mask=None,
                         expert_weights=None, axis_name=None):
   """Switch/GShard load-balancing loss, normalised so perfect balance is 1.0.
@@ -84,6 +86,7 @@ def load_balancing_loss(router_probs, expert_index, *, mask=None,
   return e * jnp.sum(frac * prob_sum / total_t)
 
 
+@functools.partial(jax.jit, static_argnames=('axis_name',))
 def router_z_loss(router_logits, *, axis_name=None):
   """Router z-loss of ST-MoE: the mean squared log-partition function.
 
@@ -107,6 +110,7 @@ def router_z_loss(router_logits, *, axis_name=None):
   return _psum(jnp.sum(z * z), axis_name) / _psum(t, axis_name)
 
 
+@functools.partial(jax.jit, static_argnames=('axis_name',))
 def mutual_information_loss(router_probs, *, axis_name=None):
   """DS-MoE mutual-information loss ``-H(e) + mean_x H(e|x)``.
 
@@ -135,6 +139,7 @@ def _entropy(p):
                   axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=('axis_name',))
 def routing_metrics(router_probs, expert_index, *, kept=None, axis_name=None):
   """Routing metrics, all float32 and exact on every backend.
 

@@ -13,6 +13,7 @@ token and -1 otherwise, so all dispatchers handle it unchanged.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -90,6 +91,7 @@ def _result(logits, probs, index, weights, *, lb_probs=None):
   return RoutingResult(index, weights, probs, logits, aux, metrics)
 
 
+@functools.partial(jax.jit, static_argnames=('k', 'order', 'renormalize'))
 def top_k_routing(logits, k, *, order="softmax_topk", renormalize=False):
   """Token-choice top-k routing.
 
@@ -143,6 +145,7 @@ def switch_routing(logits):
   return top_k_routing(logits, 1)
 
 
+@functools.partial(jax.jit, static_argnames=())
 def gshard_top2_routing(logits, *, rng=None):
   """GShard top-2 routing with the random second-expert policy.
 
@@ -169,6 +172,7 @@ def gshard_top2_routing(logits, *, rng=None):
   return _result(logits, probs, index, weights)
 
 
+@functools.partial(jax.jit, static_argnames=('capacity_factor',))
 def expert_choice_routing(logits, *, capacity_factor=2.0):
   """Expert choice: every expert picks its top-C tokens.
 
@@ -207,6 +211,7 @@ def _mix32(x):
   return x ^ (x >> 16)
 
 
+@functools.partial(jax.jit, static_argnames=('num_experts', 'seed'))
 def hash_routing(token_ids, num_experts, *, seed=0):
   """Hash routing: a fixed hash of the token id picks one expert, gate 1.
 
@@ -231,6 +236,7 @@ def hash_routing(token_ids, num_experts, *, seed=0):
   return _result(logits, probs, index, jnp.ones(index.shape, jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames=('k',))
 def m6t_routing(logits, k):
   """M6-T "k top-1" (expert prototyping).
 
