@@ -36,7 +36,8 @@ def test_divergence_is_just_past_the_stability_edge(quad_result):
 
 
 def test_digits_and_plot(tmp_path):
-  r = lrt.lr_range_test("digits_mlp", min_lr=1e-3, max_lr=1.0, num_steps=30,
+  task = tasks.get_task("digits_mlp", hidden=16)
+  r = lrt.lr_range_test(task, min_lr=1e-3, max_lr=1.0, num_steps=30,
                         batch_size=16)
   assert r.smoothed_losses.min() < r.smoothed_losses[0]  # it learned
   assert 1e-3 <= r.suggested_lr <= 1.0
