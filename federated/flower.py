@@ -275,11 +275,12 @@ def server_app(make_experiment: Callable[[dict], FlowerExperiment]):
     cfg = dict(context.run_config)
     exp = make_experiment(cfg)
     t, n = exp.participation.shape
-    node_ids = _wait_for_nodes(grid, n, float(cfg.get("node-timeout", 120)))
+    node_ids = _wait_for_nodes(grid, n, float(cfg.get("node-timeout", 600)))
     queries = [Message(RecordDict(), dst_node_id=nid, message_type="query")
                for nid in node_ids]
     node_of_client = {}
-    for r in grid.send_and_receive(queries, timeout=120):
+    for r in grid.send_and_receive(
+        queries, timeout=float(cfg.get("node-timeout", 600))):
       cid = int(r.content["info"]["client-id"])
       node_of_client[cid] = r.metadata.src_node_id
     missing = sorted(set(range(n)) - set(node_of_client))
