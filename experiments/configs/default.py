@@ -28,6 +28,10 @@ OPTIMIZERS = (
     # Shampoo (Adam-grafted, roots every 10 steps) and SOAP.
     "shampoo:precondition_every=10",
     "soap:precondition_every=10",
+    # 1-bit Adam: freeze_step at 15% of the default 200 steps. The runner's
+    # plain jitted step gives it one replica (axis_name=None): it reports
+    # comm_bytes = 0 until the runner uses gradax.distributed.data_parallel.
+    "onebit_adam:freeze_step=30",
 )
 
 # Tuned learning rates: optimizer name -> {task name -> learning rate}.
@@ -44,6 +48,7 @@ LEARNING_RATES = {
     "natural_galore": {"char_lm": 1e-2, "digits_mlp": 3e-2},
     "shampoo": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
     "soap": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
+    "onebit_adam": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
 }
 
 DEFAULT_LEARNING_RATE = 1e-3
