@@ -518,6 +518,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "char_lm": _char_lm,
     "quadratic": make_quadratic,
     "rosenbrock": make_rosenbrock,
+    "moe_lm": lazy("gradax.experiments.moe_lm", "make_moe_lm"),
 }
 
 

@@ -25,8 +25,6 @@ token axes), so they equal the single-device values.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -267,24 +265,4 @@ def collective_bytes_per_token(strategy, *, num_tokens, d_model, num_experts,
   else:
     raise ValueError(f"strategy={strategy!r} is unknown; allowed: {STRATEGIES}.")
   return total / t
-
-
-def count_hlo_collectives(compiled_text):
-  """Counts collective instructions in compiled HLO text, by opcode.
-
-  Matches ``all-to-all``, ``all-gather``, ``all-reduce``, ``reduce-scatter``,
-  ``collective-permute`` and ``ragged-all-to-all`` (``-start`` counted once,
-  ``-done`` ignored).
-  """
-  ops = ("ragged-all-to-all", "all-to-all", "all-gather", "all-reduce",
-         "reduce-scatter", "collective-permute")
-  counts = dict.fromkeys(ops, 0)
-  for line in compiled_text.splitlines():
-    m = re.search(r"=\s*\S.*?\s([a-z-]+)\(", line)
-    if not m:
-      continue
-    op = m.group(1).removesuffix("-start")
-    if op in counts:
-      counts[op] += 1
-  return counts
 

@@ -41,8 +41,7 @@ def _numpy_reference(x, idx, w, p, kept):
   return y
 
 
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("capacity", [None, 3])
+@pytest.mark.parametrize("gated,capacity", [(False, None), (True, 3)])
 def test_oracle_matches_numpy_per_token_reference(gated, capacity):
   x, wr, p = _problem(0, gated)
   r = routing.top_k_routing(x @ wr, K)
@@ -62,8 +61,7 @@ def _loss(name, capacity, x, wr, p):
 
 
 @pytest.mark.parametrize("name", ["einsum", "sorted"])
-@pytest.mark.parametrize("capacity", [None, 3])
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("gated,capacity", [(False, None), (True, 3)])
 def test_dispatcher_matches_oracle_forward_and_gradients(name, capacity, gated):
   x, wr, p = _problem(1, gated)
   r = routing.top_k_routing(x @ wr, K)

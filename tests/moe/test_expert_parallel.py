@@ -1,11 +1,14 @@
 """Expert parallelism on 8 fake CPU devices equals the single-device result."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gradax.distributed import make_mesh
+from gradax.distributed.comm_bytes import hlo_collectives
 from gradax.moe import dispatch, expert_parallel as ep, routing
 
 T, D, H, E, K = 64, 8, 16, 8, 2
@@ -81,7 +84,8 @@ def hlo_counts(problem):
   for s in ep.STRATEGIES:
     f = jax.jit(lambda x, wr, p, s=s: ep.expert_parallel_moe(
         x, wr, p, mesh=mesh, k=K, strategy=s, capacity_factor=1.25)[0])
-    out[s] = ep.count_hlo_collectives(f.lower(x, wr, p).compile().as_text())
+    text = f.lower(x, wr, p).compile().as_text()
+    out[s] = collections.Counter(c.op for c in hlo_collectives(text, 8))
   return out
 
 
@@ -96,19 +100,6 @@ def test_ring_has_one_all_gather_and_one_reduce_scatter(hlo_counts):
   c = hlo_counts["ring"]
   assert c["all-gather"] == 1 and c["reduce-scatter"] == 1
   assert c["all-to-all"] == 0
-
-
-def test_count_hlo_collectives_parses_instruction_lines():
-  text = "\n".join([
-      "  %a = f32[8,4]{1,0} all-to-all(f32[8,4]{1,0} %x), replica_groups={{0,1}}",
-      "  %b = (f32[4], f32[8]) all-gather-start(f32[4] %y), dimensions={0}",
-      "  %c = f32[8] all-gather-done((f32[4], f32[8]) %b)",
-      "  %d = f32[2] reduce-scatter(f32[8] %z), dimensions={0}",
-      "  ROOT %e = f32[8] add(f32[8] %c, f32[8] %c)",
-  ])
-  c = ep.count_hlo_collectives(text)
-  assert c == {"ragged-all-to-all": 0, "all-to-all": 1, "all-gather": 1,
-               "all-reduce": 0, "reduce-scatter": 1, "collective-permute": 0}
 
 
 def test_bad_arguments_raise_value_error_naming_them(problem):
