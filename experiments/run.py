@@ -81,6 +81,11 @@ from gradax.distributed import make_mesh
 from gradax.experiments import tasks as tasks_lib
 
 COMM_BYTES_FIELD = "comm_bytes"
+
+
+class UsageError(ValueError):
+  """A user mistake (bad flag, config or workdir); the CLI prints it as one line."""
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
 # Checked for every optimizer (gradax and optax alike) before it is built:
@@ -318,14 +323,14 @@ def check_fingerprint(run_dir: str, fingerprint: dict, write: bool) -> None:
       old = saved.get("config", {})
       diff = [f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}"
               for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
-      raise ValueError(
+      raise UsageError(
           f"workdir {run_dir!r} holds a run with a different configuration "
           f"({'; '.join(diff) or 'unknown difference'}); refusing to overwrite it: "
           "use another --workdir or delete that folder.")
     return
   if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(
       os.path.join(run_dir, "checkpoints")):
-    raise ValueError(
+    raise UsageError(
         f"workdir {run_dir!r} holds checkpoints but no config.json, so its configuration "
         "is unknown; refusing to overwrite it: use another --workdir or delete that folder.")
   if write:
@@ -711,6 +716,19 @@ def run_experiment(config) -> list[dict]:
     ValueError: for any bad input (unknown task/optimizer, mesh/device
       mismatch, batch size, hyperparameters, workdir of another config).
   """
+  try:
+    cfg, task, mesh, parsed = _validate(config)
+  except UsageError:
+    raise
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  results = [train_one(cfg, task, cfg["task"], mesh, label, name, overrides)
+             for label, name, overrides in parsed]
+  return _report(cfg, task, mesh, results)
+
+
+def _validate(config):
+  """Checks the whole configuration before anything is trained or written."""
   cfg = {**default_config(), **_as_dict(config)}
   lr = cfg.get("learning_rate") or 0.0
   if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
@@ -747,9 +765,11 @@ def run_experiment(config) -> list[dict]:
     lr, _ = resolve_learning_rate(cfg, name, task.name, overrides)
     build_optimizer(name, lr, {k: v for k, v in overrides.items() if k != "learning_rate"})
     parsed.append((label, name, overrides))
+  return cfg, task, mesh, parsed
 
-  results = [train_one(cfg, task, cfg["task"], mesh, label, name, overrides)
-             for label, name, overrides in parsed]
+
+def _report(cfg, task, mesh, results):
+  """Summary table, summary.md/json and curves.png (process 0)."""
   rows = summarize(task, results)
   if jax.process_index() == 0:
     os.makedirs(cfg["workdir"], exist_ok=True)
@@ -805,12 +825,12 @@ def _init_platform(cfg: dict, flags) -> None:
   given = [flags.coordinator_address, flags.num_processes, flags.process_id]
   if any(v is not None for v in given):
     if flags.coordinator_address is None or flags.num_processes is None or flags.process_id is None:
-      raise ValueError(
+      raise UsageError(
           "multi-host runs need all of --coordinator_address, --num_processes and "
           f"--process_id; got {flags.coordinator_address!r}, {flags.num_processes!r}, "
           f"{flags.process_id!r}.")
     if not 0 <= flags.process_id < flags.num_processes:
-      raise ValueError(
+      raise UsageError(
           f"--process_id={flags.process_id} is invalid; it must be in [0, {flags.num_processes}).")
     jax.distributed.initialize(coordinator_address=flags.coordinator_address,
                                num_processes=flags.num_processes,
@@ -826,7 +846,7 @@ def main(argv: Sequence[str]) -> None:
   flags = absl_flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
-    raise ValueError(f"unexpected positional arguments {argv[1:]}; all options are --flags.")
+    raise UsageError(f"unexpected positional arguments {argv[1:]}; all options are --flags.")
   cfg = flags.config.to_dict()
   for flag, key in (("task", "task"), ("optimizer", "optimizers"), ("steps", "steps"),
                     ("batch_size", "batch_size"), ("learning_rate", "learning_rate"),
@@ -835,7 +855,7 @@ def main(argv: Sequence[str]) -> None:
     if value is not None:
       cfg[key] = value
   if flags.learning_rate is not None and not flags.learning_rate > 0:
-    raise ValueError(f"--learning_rate={flags.learning_rate!r} is invalid; it must be > 0.")
+    raise UsageError(f"--learning_rate={flags.learning_rate!r} is invalid; it must be > 0.")
   _init_platform(cfg, flags)
   try:
     run_experiment(cfg)
@@ -850,7 +870,7 @@ def _run_cli():
   def guarded(argv):
     try:
       main(argv)
-    except ValueError as e:
+    except UsageError as e:
       # User mistakes: one sentence on stderr, no traceback.
       print(f"gradax.experiments.run: error: {e}", file=sys.stderr, flush=True)
       sys.exit(2)

@@ -102,7 +102,7 @@ def test_different_config_is_refused_and_not_overwritten(reference, tmp_path):
   shutil.copytree(reference[0] / "adamw", tmp_path / "adamw")
   run_dir = tmp_path / "adamw"
   before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-  with pytest.raises(ValueError, match=r"holds a run with a different configuration \(steps: 20 -> 30\); refusing"):
+  with pytest.raises(runner.UsageError, match=r"holds a run with a different configuration \(steps: 20 -> 30\); refusing"):
     runner.run_experiment(_cfg(tmp_path, steps=30))
   with pytest.raises(ValueError, match=r"different configuration \(batch_size: 16 -> 32\)"):
     runner.run_experiment(_cfg(tmp_path, batch_size=32))
@@ -115,7 +115,7 @@ def test_different_config_is_refused_and_not_overwritten(reference, tmp_path):
 
 
 @pytest.mark.parametrize("override, pattern", [
-    (dict(task="nope"), r"unknown task 'nope'; valid tasks are char_lm, digits_mlp, quadratic, rosenbrock"),
+    (dict(task="nope"), r"unknown task 'nope'; valid tasks are char_lm, digits_mlp, .*quadratic, rosenbrock\."),
     (dict(optimizers="adamw,foo"), r"unknown optimizer 'foo'; valid optimizers are .*adamw.*sgd"),
     (dict(mesh="data=3"), r"'data=3' needs 3 devices but 8 are available"),
     (dict(mesh="data=4,model=2", batch_size=6), r"batch_size=6 is not divisible by the mesh's data axis \(size 4\)"),
@@ -127,7 +127,8 @@ def test_different_config_is_refused_and_not_overwritten(reference, tmp_path):
     (dict(steps=0), r"steps=0 is invalid; it must be a positive integer"),
 ])
 def test_bad_input_is_one_clear_value_error(tmp_path, override, pattern):
-  with pytest.raises(ValueError, match=pattern):
+  # UsageError (a ValueError) is what the CLI prints as one line; other errors keep tracebacks.
+  with pytest.raises(runner.UsageError, match=pattern):
     runner.run_experiment(_cfg(tmp_path, **override))
   assert not (tmp_path / "adamw").exists()  # nothing written before validation
 
