@@ -4,7 +4,9 @@ bytes each expert-parallel strategy moves per token.
 1. **Layer throughput** (forward, CPU): a dense FFN d -> 4d -> d against an
    MoE with the same *active* parameters (E = 8, k = 2, h = 2d), with
    dense-einsum (capacity-padded, CF 1.25), dropless sorted (``ragged_dot``)
-   and the per-expert loop. FLOPs are analytic (ALGORITHMS.md §5.14), because
+   and the per-expert loop. FLOPs are analytic (ALGORITHMS.md §5.14; the
+   einsum path also pays 4 E C d per token for its dispatch/combine masks,
+   which dominates at large T), because
    ``cost_analysis`` over-counts ``ragged_dot`` on CPU, where it is lowered
    densely (§6.7): CPU timings of the sorted path are not representative of
    accelerators.
@@ -69,8 +71,9 @@ def _layer_rows(quick):
                unit="tokens/s", baseline=t / t_dense, ratio=1.0,
                flops_per_token=flops_dense, note=f"T={t}, d={d}")]
   variants = [
+      # Padded experts plus the [T, E, C] dispatch and combine einsums.
       ("MoE einsum (CF 1.25)", "einsum", cap,
-       flops_router + 2 * 2 * e * cap * d * h / t),
+       flops_router + 2 * 2 * e * cap * d * h / t + 2 * 2 * e * cap * d),
       ("MoE sorted dropless (ragged_dot)", "sorted", None,
        flops_router + 2 * 2 * k * d * h),
       ("MoE per-expert loop", "loop", None,
