@@ -314,7 +314,8 @@ class ShampooState(NamedTuple):
   Attributes:
     count: steps applied (skipped steps excluded); shape (), int32.
     skipped: steps skipped because the gradient was non-finite; (), int32.
-    root_failures: root computations that kept the previous root; (), int32.
+    root_failures: roots of non-zero statistics that failed and kept the
+      previous root; (), int32.
     stats: per factor size n, ``(M_n, n(n+1)/2)`` packed statistics.
     roots: per factor size n, ``(M_n, n(n+1)/2)`` packed inverse roots.
     mu: momentum, like the params (leaves of shape (0,) when ``beta1 == 0``).
@@ -558,8 +559,10 @@ def scale_by_shampoo(
           sel = o_local == p
           out = jnp.where(sel[:, None, None], root, out)
           failed = jnp.where(sel, fail, failed)
-        # Padding rows (order 0) are never used; do not count them.
-        failed = failed & (o_local > 0)
+        # Padding rows (order 0) are never used, and all-zero statistics (a
+        # block that never saw a gradient) keep their root by design: neither
+        # counts as a failure.
+        failed = failed & (o_local > 0) & jnp.any(a != 0, axis=(-2, -1))
         return pack_sym(out).astype(r_local.dtype), failed.astype(jnp.int32)
 
       root, failed = sharded_map_over_stack(

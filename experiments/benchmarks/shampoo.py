@@ -191,7 +191,8 @@ def _root_time(task, quick):
   def roots(*ab):
     out = []
     for i in range(0, len(ab), 2):
-      out.append(matrix_roots.safe_inverse_pth_root(ab[i], ab[i + 1], 4)[0])
+      out.append(matrix_roots.safe_inverse_pth_root(
+          ab[i], ab[i + 1], 4, method="newton")[0])
     return out
 
   flat = [x for ab in mats for x in ab]
@@ -216,7 +217,8 @@ def _root_time(task, quick):
     def inner(*ab):
       out = []
       for i in range(0, len(ab), 2):
-        fn = lambda a, b: matrix_roots.safe_inverse_pth_root(a, b, 4)[0]
+        fn = lambda a, b: matrix_roots.safe_inverse_pth_root(
+            a, b, 4, method="newton")[0]
         out.append(sh.sharded_map_over_stack(fn, [ab[i], ab[i + 1]], "data"))
       return out
     specs = tuple(P() for _ in ab)
