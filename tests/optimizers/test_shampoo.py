@@ -446,7 +446,7 @@ def test_chain_and_masked(tree):
   s = tx.init(params)
   u, s = jax.jit(tx.update)(grads, s, params)
   # The unmasked leaf passes through the clip and scale only.
-  norm = float(optax.global_norm(grads))
+  norm = float(optax.tree.norm(grads))
   np.testing.assert_allclose(u["b"], -1e-2 * grads["b"] * min(1.0, 1 / norm),
                              rtol=1e-5)
   assert np.all(np.isfinite(np.asarray(u["w"])))
