@@ -15,7 +15,7 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,flower]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,9 +26,9 @@ run: install
 	$(PY) -m gradax.experiments.run --config=experiments/configs/default.py
 
 test: install-test
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -q --durations=25 tests
 
-bench: install
+bench: install-test
 	$(PY) -m gradax.experiments.bench all
 
 clean:
