@@ -82,6 +82,17 @@ from gradax.experiments import tasks as tasks_lib
 
 COMM_BYTES_FIELD = "comm_bytes"
 
+# Optimizers that all-reduce (compressed) momentum themselves over the data
+# axis. Without --algorithm they run in ``gradax.distributed``'s data-parallel
+# step with ``reducer=None``, built with ``axis_name="data"``, so the runner
+# reports the bytes they really send. (0/1 Adam is not here: its local steps
+# need per-replica parameters, which that step does not keep.)
+SELF_COMMUNICATING_OPTIMIZERS = ("onebit_adam", "onebit_lamb")
+
+# Algorithms of ``gradax.distributed.algorithms`` that are optimizers
+# themselves and take the learning rate directly.
+_ALGORITHMS_WITH_LEARNING_RATE = ("demo", "just_one_byte")
+
 
 class UsageError(ValueError):
   """A user mistake (bad flag, config or workdir); the CLI prints it as one line."""
@@ -308,6 +319,31 @@ def make_train_step(task: tasks_lib.Task, tx: optax.GradientTransformation,
 # ----------------------------------------------------------------------------
 
 
+def build_algorithm(spec: str, opt_name: str, task: tasks_lib.Task,
+                    tx: optax.GradientTransformation, learning_rate: float, mesh):
+  """A ``gradax.distributed`` TrainAlgorithm for ``--algorithm``, or None.
+
+  ``spec`` is ``name[:key=value...]`` over ``gradax.distributed.ALGORITHMS``
+  (e.g. ``diloco:sync_every=20:compressor=int8``); empty means the runner's
+  own jitted step, except for ``SELF_COMMUNICATING_OPTIMIZERS``, which get the
+  data-parallel step with ``reducer=None``.
+  """
+  from gradax.distributed import algorithms  # pylint: disable=g-import-not-at-top
+  if spec:
+    name, kwargs = parse_spec(spec, kind="algorithm")
+  elif uses_self_communication(opt_name, mesh):
+    name, kwargs = "data_parallel", {"reducer": None}
+  else:
+    return None
+  if name in _ALGORITHMS_WITH_LEARNING_RATE:
+    kwargs.setdefault("learning_rate", learning_rate)
+  return algorithms.build(name, task.loss, tx, mesh, **kwargs)
+
+
+def uses_self_communication(opt_name: str, mesh) -> bool:
+  return opt_name in SELF_COMMUNICATING_OPTIMIZERS and "data" in mesh.shape
+
+
 def _label_dir(label: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.=+-]", "_", label)
 
@@ -341,7 +377,7 @@ def check_fingerprint(run_dir: str, fingerprint: dict, write: bool) -> None:
 
 
 class Checkpoints:
-  """orbax CheckpointManager over the flat list of (params, opt_state) leaves."""
+  """orbax CheckpointManager over the flat list of the training state's leaves."""
 
   def __init__(self, directory: str, keep: int):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -486,21 +522,42 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
         f"default_learning_rate={lr} (add a line to LEARNING_RATES in "
         "experiments/configs/default.py).", RuntimeWarning, stacklevel=2)
   opt_kwargs = {k: v for k, v in overrides.items() if k != "learning_rate"}
+  algorithm = str(cfg.get("algorithm") or "")
+  if not algorithm and uses_self_communication(name, mesh):
+    opt_kwargs.setdefault("axis_name", "data")
   tx = build_optimizer(name, lr, opt_kwargs)
+  alg = build_algorithm(algorithm, name, task, tx, lr, mesh)
   steps, batch_size, seed = int(cfg["steps"]), int(cfg["batch_size"]), int(cfg["seed"])
   proc = jax.process_index()
   run_dir = os.path.join(cfg["workdir"], _label_dir(label))
   fingerprint = {"task": task_spec, "optimizer": label, "learning_rate": lr,
                  "steps": steps, "batch_size": batch_size, "seed": seed,
                  "mesh": dict(mesh.shape)}
+  if algorithm:
+    fingerprint["algorithm"] = algorithm
   check_fingerprint(run_dir, fingerprint, write=proc == 0)
   _sync("gradax_fingerprint")
 
   rng = jax.random.key(seed)
   abstract_params = jax.eval_shape(task.init, rng)
   param_sh = tree_shardings(mesh, abstract_params)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = tree_shardings(mesh, abstract_opt)
+  if alg is None:
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = tree_shardings(mesh, abstract_opt)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        (abstract_params, abstract_opt), (param_sh, opt_sh))
+
+    def init_state():
+      params = jax.jit(task.init, out_shardings=param_sh)(rng)
+      return params, jax.jit(tx.init, out_shardings=opt_sh)(params)
+  else:
+    # The algorithm places its own state (per-replica axes, ZeRO shards).
+    def init_state():
+      return alg.init(jax.jit(task.init, out_shardings=param_sh)(rng))
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        init_state())
   sample = task.train_batch(0, batch_size, seed)
   batch_sh = {k: batch_sharding(mesh, v.shape) for k, v in sample.items()}
   eval_np = task.eval_batch()
@@ -511,15 +568,9 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
   state = None
   if cfg["checkpoint_every"] > 0:
     ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), max(2, int(cfg["keep_checkpoints"])))
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        (abstract_params, abstract_opt), (param_sh, opt_sh))
     start, state = ckpt.restore_latest(abstract_state)
   if state is None:
-    params = jax.jit(task.init, out_shardings=param_sh)(rng)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  else:
-    params, opt_state = state
+    state = init_state()
 
   metrics_name = "metrics.jsonl" if proc == 0 else f"metrics.process{proc}.jsonl"
   metrics_path = os.path.join(run_dir, metrics_name)
@@ -534,7 +585,29 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
   if proc == 0:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start if start else None)
-  train_step = make_train_step(task, tx, param_sh, opt_sh, batch_sh)
+  if alg is None:
+    plain_step = make_train_step(task, tx, param_sh, opt_sh, batch_sh)
+
+    def train_step(state, batch):
+      params, opt_state, m = plain_step(*state, batch)
+      return (params, opt_state), m
+
+    def eval_params(state):
+      return state[0]
+  else:
+    bytes_per_step = float(alg.bytes_per_step(abstract_params))
+
+    def train_step(state, batch):
+      state, m = alg.step(state, batch)
+      sent = comm_bytes(state)
+      if sent is not None:
+        m = {**m, COMM_BYTES_FIELD: sent}
+      elif math.isfinite(bytes_per_step):
+        m = {**m, COMM_BYTES_FIELD: bytes_per_step}
+      return state, m
+
+    def eval_params(state):
+      return jax.device_put(alg.eval_params(state), param_sh)
   eval_fn = jax.jit(task.metrics, in_shardings=(param_sh, eval_sh))
   eval_batch = to_global(eval_np, eval_sh)
   log_every = max(1, int(cfg["log_every"]))
@@ -553,7 +626,7 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
           writer.add_scalar(f"{record['split']}/{k}", v, record["step"])
 
   def evaluate(step):
-    m = {k: _host(v) for k, v in eval_fn(params, eval_batch).items()}
+    m = {k: _host(v) for k, v in eval_fn(eval_params(state), eval_batch).items()}
     emit({"step": step, "split": "eval", **m})
 
   bar = _progress_bar(steps, start, label, bool(cfg.get("progress", True)) and proc == 0)
@@ -566,7 +639,7 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
   try:
     while step < steps and not diverged:
       batch = to_global(task.train_batch(step, batch_size, seed), batch_sh)
-      params, opt_state, m = train_step(params, opt_state, batch)
+      state, m = train_step(state, batch)
       step += 1
       if step % log_every == 0 or step == steps:
         host = {k: _host(v) for k, v in m.items()}
@@ -585,12 +658,12 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
       if eval_every > 0 and (step % eval_every == 0 or step == steps):
         evaluate(step)
       if ckpt is not None and (step % ckpt_every == 0 or step == steps):
-        if not bool(_host(all_finite((params, opt_state)))):
+        if not bool(_host(all_finite(state))):
           # Never checkpoint NaN/inf: stop here, the last good checkpoint stays.
           emit({"step": step, "split": "train", "loss": float("nan"), "status": "diverged"})
           diverged = True
           break
-        ckpt.save(step, (params, opt_state))
+        ckpt.save(step, state)
       if stop_after and step >= stop_after and step < steps:
         status = "stopped"
         break
@@ -752,6 +825,17 @@ def _validate(config):
         f"batch_size={cfg['batch_size']} is not divisible by the mesh's data axis "
         f"(size {data}); use a multiple of {data}.")
 
+  if cfg.get("algorithm"):
+    from gradax.distributed import algorithms  # pylint: disable=g-import-not-at-top
+    alg_name, _ = parse_spec(cfg["algorithm"], kind="algorithm")
+    if alg_name not in algorithms.ALGORITHMS:
+      raise ValueError(
+          f"unknown algorithm {alg_name!r}; valid algorithms are "
+          f"{', '.join(sorted(algorithms.ALGORITHMS))}.")
+    if "data" not in mesh.shape:
+      raise ValueError(f"--algorithm={cfg['algorithm']!r} needs a 'data' mesh axis; "
+                       f"the mesh is {dict(mesh.shape)}.")
+
   # Validate every spec before training anything.
   parsed, seen = [], set()
   for spec in specs:
@@ -804,6 +888,9 @@ def _define_flags():
   flags.DEFINE_integer("seed", None, "Seed of init and batches.")
   flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, plot).")
   flags.DEFINE_string("mesh", None, "Mesh spec, e.g. data=8 or data=4,model=2.")
+  flags.DEFINE_string("algorithm", None,
+                      "Distributed algorithm spec from gradax.distributed.ALGORITHMS, e.g. "
+                      "diloco:sync_every=20:compressor=int8 (default: plain data parallel).")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
   flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
@@ -850,7 +937,8 @@ def main(argv: Sequence[str]) -> None:
   cfg = flags.config.to_dict()
   for flag, key in (("task", "task"), ("optimizer", "optimizers"), ("steps", "steps"),
                     ("batch_size", "batch_size"), ("learning_rate", "learning_rate"),
-                    ("seed", "seed"), ("workdir", "workdir"), ("mesh", "mesh")):
+                    ("seed", "seed"), ("workdir", "workdir"), ("mesh", "mesh"),
+                    ("algorithm", "algorithm")):
     value = getattr(flags, flag)
     if value is not None:
       cfg[key] = value

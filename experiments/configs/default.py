@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.default_learning_rate = DEFAULT_LEARNING_RATE
   c.seed = 0
   c.mesh = "data=-1"            # all devices on the data axis
+  c.algorithm = ""              # gradax.distributed algorithm spec; "" = plain data parallel
   c.num_cpu_devices = 8         # CPU backend devices (0: leave JAX's default)
   c.workdir = "runs/default"
   c.log_every = 10
