@@ -300,7 +300,9 @@ def make_train_step(task: tasks_lib.Task, tx: optax.GradientTransformation,
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(task.loss)(params, batch)
     if extra_args:
-      updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+      # value/obj_fn: for optimizers that use the loss (e.g. OASIS, optax's sophia).
+      updates, opt_state = tx.update(grads, opt_state, params, value=loss,
+                                     obj_fn=lambda p: task.loss(p, batch))
     else:
       updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
