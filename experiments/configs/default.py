@@ -27,7 +27,8 @@ OPTIMIZERS = (
     "natural_galore:rank=8:update_proj_gap=50",
     # Shampoo (Adam-grafted, roots every 10 steps) and SOAP.
     "shampoo:precondition_every=10",
-    "soap:precondition_every=10",
+    # soap is left out: its eigenbasis refresh can hang on XLA:CPU after other
+    # jitted optimizers ran in the same process (open bug; see colabs/shampoo.ipynb).
     # 1-bit Adam: freeze_step at 15% of the default 200 steps. The runner's
     # plain jitted step gives it one replica (axis_name=None): it reports
     # comm_bytes = 0 until the runner uses gradax.distributed.data_parallel.
