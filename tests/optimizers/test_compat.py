@@ -147,13 +147,8 @@ REGISTRY = [
         learning_rate=0.01, num_checkpoints=3, checkpoint_every=10,
         weight_decay=0.0)),
     Entry("multi_momentum", gx.multi_momentum, dict(learning_rate=1e-3)),
-    # OASIS's PRNG-key state leaf comes back with sharding P(None,) instead of
-    # init's P() under an explicit mesh, so the second step recompiles (to be
-    # fixed in optimizers/oasis.py: pin the key's sharding).
     Entry("oasis", gx.oasis, dict(learning_rate=1.0),
-          extra=lambda obj_fn: {"obj_fn": obj_fn},
-          exclude={"sharding": "second step recompiles: key state changes "
-                               "sharding P() -> P(None,)"}),
+          extra=lambda obj_fn: {"obj_fn": obj_fn}),
     Entry("clipped_sgd", gx.clipped_sgd, dict(learning_rate=0.02,
                                               momentum=0.9)),
     Entry("adagrad_norm", gx.adagrad_norm, dict(learning_rate=1.0)),
