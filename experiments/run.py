@@ -554,12 +554,15 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
       params = jax.jit(task.init, out_shardings=param_sh)(rng)
       return params, jax.jit(tx.init, out_shardings=opt_sh)(params)
   else:
-    # The algorithm places its own state (per-replica axes, ZeRO shards).
-    def init_state():
-      return alg.init(jax.jit(task.init, out_shardings=param_sh)(rng))
+    # The algorithm places its own state (per-replica axes, ZeRO shards); its
+    # concrete initial state also gives the checkpoint restore target.
+    initial_state = alg.init(jax.jit(task.init, out_shardings=param_sh)(rng))
     abstract_state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        init_state())
+        initial_state)
+
+    def init_state():
+      return initial_state
   sample = task.train_batch(0, batch_size, seed)
   batch_sh = {k: batch_sharding(mesh, v.shape) for k, v in sample.items()}
   eval_np = task.eval_batch()
