@@ -7,7 +7,12 @@ of several timed calls, each of which blocks until its outputs are ready.
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,3 +56,42 @@ def median_time(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: in
     block(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def run_on_cpu_devices(module: str, quick: bool, devices: int) -> list[dict]:
+  """Runs ``module._run_here(quick)`` where ``devices`` CPU devices exist.
+
+  Multi-device benchmarks need a fixed number of (fake) CPU devices, which
+  can only be set before JAX starts. When this process already has them the
+  benchmark runs here; otherwise it runs in a fresh subprocess with
+  ``--xla_force_host_platform_device_count`` and its rows come back as JSON.
+
+  Args:
+    module: dotted module name with a ``_run_here(quick) -> list[dict]``.
+    quick: passed through to ``_run_here``.
+    devices: CPU devices the benchmark needs, >= 1.
+
+  Returns:
+    The benchmark's rows.
+
+  Example:
+    >>> rows = run_on_cpu_devices(
+    ...     "gradax.experiments.benchmarks.distributed", quick=True, devices=8)
+  """
+  if devices < 1:
+    raise ValueError(f"devices={devices!r} is invalid; it must be >= 1.")
+  try:
+    enough = len(jax.devices("cpu")) >= devices
+  except RuntimeError:
+    enough = False
+  if enough:
+    return importlib.import_module(module)._run_here(quick)  # pylint: disable=protected-access
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}"))
+  code = (f"import importlib, json; m = importlib.import_module({module!r}); "
+          f"print('ROWS=' + json.dumps(m._run_here({quick!r})))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                       capture_output=True, text=True).stdout
+  line = [l for l in out.splitlines() if l.startswith("ROWS=")][-1]
+  return json.loads(line[len("ROWS="):])

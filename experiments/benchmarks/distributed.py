@@ -23,12 +23,9 @@ fewer):
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
+
+from gradax.experiments import benchlib
 
 TITLE = "Distributed training: bytes/step vs f32 DP, char_lm eval loss, DBW"
 
@@ -184,19 +181,4 @@ def _run_here(quick: bool) -> list[dict]:
 
 def run(quick: bool = False) -> list[dict]:
   """Runs the benchmark (in a subprocess when fewer than 8 CPU devices)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  try:
-    enough = len(jax.devices("cpu")) >= REPLICAS
-  except RuntimeError:
-    enough = False
-  if enough:
-    return _run_here(quick)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={REPLICAS}"))
-  code = ("import json; from gradax.experiments.benchmarks import distributed"
-          f" as d; print('ROWS=' + json.dumps(d._run_here({quick!r})))")
-  out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                       capture_output=True, text=True).stdout
-  line = [l for l in out.splitlines() if l.startswith("ROWS=")][-1]
-  return json.loads(line[len("ROWS="):])
+  return benchlib.run_on_cpu_devices(__name__, quick, REPLICAS)
