@@ -34,6 +34,15 @@ What a run does, per optimizer (``<workdir>/<label>/``):
   aside (``<step>.corrupt``) with a warning and the previous one is used;
 * ``config.json`` fingerprints the configuration; a workdir holding a run of
   a different configuration is refused and never overwritten;
+* ``batch_size_controller="adadagrad"`` (with ``adadagrad_eta`` and
+  ``max_batch_size``) makes the global batch size adaptive (AdAdaGrad's norm
+  test on per-example gradient statistics; ``batch_size`` is the initial
+  size): sizes are rounded up to buckets ``batch_size * 2**k`` capped at
+  ``max_batch_size`` (one compiled step per bucket, every bucket a multiple of
+  the data axis), ``batch_size`` and ``norm_test_ratio`` are logged with the
+  train metrics, and the controller state is checkpointed and resumed;
+* an optimizer whose state holds a LAWA state (e.g. ``lawa_adamw``) is
+  evaluated at LAWA's averaged params (``lawa_eval_params``);
 * a run whose loss becomes non-finite stops and is marked ``diverged``; no
   NaN is ever checkpointed.
 
@@ -79,6 +88,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gradax.distributed import make_mesh
 from gradax.experiments import tasks as tasks_lib
+from gradax.optimizers import adadagrad
+from gradax.optimizers.lawa import LawaState, lawa_eval_params
 
 COMM_BYTES_FIELD = "comm_bytes"
 
@@ -288,17 +299,124 @@ def to_global(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedShar
           for k, v in batch.items()}
 
 
+# ----------------------------------------------------------------------------
+# Adaptive batch size (AdAdaGrad)
+# ----------------------------------------------------------------------------
+
+BATCH_SIZE_CONTROLLERS = ("adadagrad",)
+
+
+def batch_size_buckets(initial: int, max_batch_size: int) -> tuple[int, ...]:
+  """The global batch sizes an adaptive run may use: ``initial * 2**k``, then the cap.
+
+  ``initial`` and ``max_batch_size`` are multiples of the data axis, so every
+  bucket is; powers of two keep the compiled programs to
+  ``ceil(log2(max / initial)) + 1``.
+  """
+  sizes = [initial]
+  while sizes[-1] * 2 < max_batch_size:
+    sizes.append(sizes[-1] * 2)
+  if sizes[-1] < max_batch_size:
+    sizes.append(max_batch_size)
+  return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSizeControl:
+  """An adaptive global batch size: the controller, its size buckets, its shardings.
+
+  ``config.batch_size_controller="adadagrad"`` turns it on: ``batch_size`` is
+  the initial global batch size, ``adadagrad_eta`` the norm test's tolerance
+  and ``max_batch_size`` the cap. After each step the controller's size is
+  rounded UP to the next bucket of ``batch_size_buckets`` (so the batch
+  never shrinks below what the norm test asked for, and the next batch holds
+  a multiple of the data axis); that rounded size is what the controller
+  state keeps, checkpoints and restores.
+  """
+
+  controller: Any       # gradax.optimizers.BatchSizeController
+  buckets: tuple[int, ...]
+  shardings: Any        # of the controller state (replicated scalars)
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any], mesh) -> "BatchSizeControl | None":
+    if not cfg.get("batch_size_controller"):
+      return None
+    max_bs = int(cfg["max_batch_size"])
+    controller = adadagrad.adadagrad_controller(
+        eta=float(cfg["adadagrad_eta"]), max_batch_size=max_bs)
+    abstract = jax.eval_shape(lambda: controller.init(int(cfg["batch_size"])))
+    return cls(controller, batch_size_buckets(int(cfg["batch_size"]), max_bs),
+               tree_shardings(mesh, abstract))
+
+  def init(self, batch_size: int):
+    return jax.device_put(self.controller.init(batch_size), self.shardings)
+
+  def fingerprint(self, cfg: Mapping[str, Any]) -> str:
+    return (f"{cfg['batch_size_controller']}:eta={float(cfg['adadagrad_eta'])}"
+            f":max_batch_size={int(cfg['max_batch_size'])}")
+
+
+def _validate_batch_size_control(cfg: Mapping[str, Any], mesh, names: Sequence[str]) -> None:
+  kind = cfg.get("batch_size_controller") or ""
+  if not kind:
+    return
+  if kind not in BATCH_SIZE_CONTROLLERS:
+    raise ValueError(
+        f"batch_size_controller={kind!r} is invalid; it must be '' (a fixed batch size) "
+        f"or one of {', '.join(BATCH_SIZE_CONTROLLERS)}.")
+  data = mesh.shape.get("data", 1)
+  bs, max_bs, eta = cfg["batch_size"], cfg.get("max_batch_size"), cfg.get("adadagrad_eta")
+  if bs < 2:
+    raise ValueError(f"batch_size={bs} is invalid with batch_size_controller={kind!r}; "
+                     "the norm test needs an initial batch size >= 2.")
+  if (isinstance(max_bs, bool) or not isinstance(max_bs, int) or max_bs < bs
+      or max_bs % data):
+    raise ValueError(
+        f"max_batch_size={max_bs!r} is invalid; with batch_size_controller={kind!r} it must be "
+        f"an integer >= batch_size={bs} and a multiple of the mesh's data axis (size {data}).")
+  if (isinstance(eta, bool) or not isinstance(eta, (int, float))
+      or not math.isfinite(eta) or eta <= 0):
+    raise ValueError(f"adadagrad_eta={eta!r} is invalid; it must be > 0.")
+  if cfg.get("algorithm") or any(uses_self_communication(n, mesh) for n in names):
+    raise ValueError(
+        f"batch_size_controller={kind!r} works with the runner's own data-parallel step only; "
+        f"it cannot be combined with --algorithm={cfg.get('algorithm')!r} or with "
+        f"{', '.join(SELF_COMMUNICATING_OPTIMIZERS)}.")
+
+
+def lawa_params_fn(abstract_opt_state) -> Callable[[Any, Any], Any] | None:
+  """``(params, opt_state) -> eval params`` for a state holding a LAWA state, else None.
+
+  LAWA (``gradax.optimizers.lawa``) trains the raw iterate but is evaluated at
+  the mean of its last k checkpoints (``lawa_eval_params``).
+  """
+  found = [x for x in jax.tree.leaves(
+      abstract_opt_state, is_leaf=lambda x: isinstance(x, LawaState))
+           if isinstance(x, LawaState)]
+  if len(found) != 1:
+    return None
+  return lambda params, opt_state: lawa_eval_params(opt_state, params)
+
+
 def make_train_step(task: tasks_lib.Task, tx: optax.GradientTransformation,
-                    param_shardings, opt_shardings, batch_shardings):
+                    param_shardings, opt_shardings, batch_shardings,
+                    batch_control: BatchSizeControl | None = None):
   """The jitted step ``(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
   The only place the runner builds its step; a different step builder (e.g.
   from ``gradax.distributed``) can replace this function.
+
+  With ``batch_control`` the step is ``(params, opt_state, ctrl_state, batch)
+  -> (params, opt_state, ctrl_state, metrics)``: the gradient comes from
+  per-example gradients (``per_example_grad_stats``), whose statistics update
+  the batch-size controller, and ``ctrl_state.batch_size`` becomes the next
+  step's global batch size, rounded up to a bucket (see ``BatchSizeControl``).
+  One program is compiled per bucket (jit's shape cache), not per size.
   """
   extra_args = isinstance(tx, optax.GradientTransformationExtraArgs)
 
-  def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(task.loss)(params, batch)
+  def apply(params, opt_state, batch, loss, grads):
     if extra_args:
       # value/obj_fn: for optimizers that use the loss (e.g. OASIS, optax's sophia).
       updates, opt_state = tx.update(grads, opt_state, params, value=loss,
@@ -312,8 +430,31 @@ def make_train_step(task: tasks_lib.Task, tx: optax.GradientTransformation,
       metrics[COMM_BYTES_FIELD] = sent
     return params, opt_state, metrics
 
-  return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_shardings),
-                 out_shardings=(param_shardings, opt_shardings, None))
+  if batch_control is None:
+    def step(params, opt_state, batch):
+      loss, grads = jax.value_and_grad(task.loss)(params, batch)
+      return apply(params, opt_state, batch, loss, grads)
+
+    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_shardings),
+                   out_shardings=(param_shardings, opt_shardings, None))
+
+  buckets = jnp.asarray(batch_control.buckets, jnp.int32)
+
+  def adaptive_step(params, opt_state, ctrl_state, batch):
+    loss, stats = adadagrad.per_example_grad_stats(task.loss, params, batch)
+    params, opt_state, metrics = apply(params, opt_state, batch, loss, stats.grad)
+    ctrl_state = batch_control.controller.update(ctrl_state, stats)
+    # The smallest bucket >= the controller's size (the last bucket is the cap).
+    index = jnp.minimum(jnp.searchsorted(buckets, ctrl_state.batch_size), len(buckets) - 1)
+    ctrl_state = ctrl_state._replace(batch_size=buckets[index])
+    metrics.update(batch_size=stats.batch_size, norm_test_ratio=ctrl_state.last_ratio)
+    return params, opt_state, ctrl_state, metrics
+
+  ctrl_shardings = batch_control.shardings
+  return jax.jit(
+      adaptive_step,
+      in_shardings=(param_shardings, opt_shardings, ctrl_shardings, batch_shardings),
+      out_shardings=(param_shardings, opt_shardings, ctrl_shardings, None))
 
 
 # ----------------------------------------------------------------------------
@@ -537,6 +678,9 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
                  "mesh": dict(mesh.shape)}
   if algorithm:
     fingerprint["algorithm"] = algorithm
+  control = BatchSizeControl.from_config(cfg, mesh)
+  if control is not None:
+    fingerprint["batch_size_controller"] = control.fingerprint(cfg)
   check_fingerprint(run_dir, fingerprint, write=proc == 0)
   _sync("gradax_fingerprint")
 
@@ -549,10 +693,15 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         (abstract_params, abstract_opt), (param_sh, opt_sh))
+    if control is not None:  # the controller state is checkpointed with the rest
+      abstract_state += (jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          jax.eval_shape(lambda: control.controller.init(batch_size)), control.shardings),)
 
     def init_state():
       params = jax.jit(task.init, out_shardings=param_sh)(rng)
-      return params, jax.jit(tx.init, out_shardings=opt_sh)(params)
+      state = (params, jax.jit(tx.init, out_shardings=opt_sh)(params))
+      return state if control is None else state + (control.init(batch_size),)
   else:
     # The algorithm places its own state (per-replica axes, ZeRO shards); its
     # concrete initial state also gives the checkpoint restore target.
@@ -591,14 +740,22 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start if start else None)
   if alg is None:
-    plain_step = make_train_step(task, tx, param_sh, opt_sh, batch_sh)
+    plain_step = make_train_step(task, tx, param_sh, opt_sh, batch_sh, control)
 
     def train_step(state, batch):
-      params, opt_state, m = plain_step(*state, batch)
-      return (params, opt_state), m
+      *state, m = plain_step(*state, batch)
+      return tuple(state), m
 
-    def eval_params(state):
-      return state[0]
+    lawa_params = lawa_params_fn(abstract_opt)
+    if lawa_params is None:
+      def eval_params(state):
+        return state[0]
+    else:
+      lawa_params = jax.jit(lawa_params, in_shardings=(param_sh, opt_sh),
+                            out_shardings=param_sh)
+
+      def eval_params(state):
+        return lawa_params(state[0], state[1])
   else:
     bytes_per_step = float(alg.bytes_per_step(abstract_params))
 
@@ -643,11 +800,15 @@ def train_one(cfg: Mapping[str, Any], task: tasks_lib.Task, task_spec: str, mesh
   step = start
   try:
     while step < steps and not diverged:
+      if control is not None:  # the size the controller chose after the last step
+        batch_size = int(adadagrad.batch_size_for_next_step(state[2]))
       batch = to_global(task.train_batch(step, batch_size, seed), batch_sh)
       state, m = train_step(state, batch)
       step += 1
       if step % log_every == 0 or step == steps:
         host = {k: _host(v) for k, v in m.items()}
+        if "batch_size" in host:  # adaptive batch size: the global batch of this step
+          host["batch_size"] = int(host["batch_size"])
         now = time.perf_counter()
         rate = (step - window_start) / max(now - t_window, 1e-9)
         t_window, window_start = now, step
@@ -854,6 +1015,7 @@ def _validate(config):
     lr, _ = resolve_learning_rate(cfg, name, task.name, overrides)
     build_optimizer(name, lr, {k: v for k, v in overrides.items() if k != "learning_rate"})
     parsed.append((label, name, overrides))
+  _validate_batch_size_control(cfg, mesh, [name for _, name, _ in parsed])
   return cfg, task, mesh, parsed
 
 

@@ -61,7 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "char_lm"            # "name" or "name:option=value:..."
   c.optimizers = ",".join(OPTIMIZERS)  # comma-separated optimizer specs
   c.steps = 200
-  c.batch_size = 16
+  c.batch_size = 16             # global batch (the initial one when adaptive)
+  # Adaptive global batch size: "" = fixed; "adadagrad" = AdAdaGrad's norm test
+  # (gradax.optimizers.adadagrad_controller), sizes batch_size * 2**k <= max_batch_size.
+  c.batch_size_controller = ""
+  c.adadagrad_eta = 0.5         # norm-test tolerance (larger: more noise allowed)
+  c.max_batch_size = 1024       # cap of the adaptive batch (a multiple of the data axis)
   c.learning_rate = 0.0         # > 0 overrides the table for every optimizer
   c.learning_rates = {k: dict(v) for k, v in LEARNING_RATES.items()}
   c.default_learning_rate = DEFAULT_LEARNING_RATE

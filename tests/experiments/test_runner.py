@@ -1,6 +1,7 @@
 """The runner: bad input, resume, checkpoint fallback, refusal, outputs."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -263,3 +264,81 @@ def test_self_communicating_optimizer_reports_its_bytes(tmp_path):
 def test_unknown_algorithm_lists_valid_names(tmp_path):
   with pytest.raises(ValueError, match="unknown algorithm 'dilco'; valid algorithms are .*diloco"):
     runner.run_experiment(_cfg(tmp_path, algorithm="dilco"))
+
+
+# --- adaptive batch size (AdAdaGrad) -----------------------------------------
+
+ADAPTIVE = dict(task="digits_mlp:hidden=16", steps=8, batch_size=16, max_batch_size=64,
+                batch_size_controller="adadagrad", adadagrad_eta=1.0, eval_every=0,
+                checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("adaptive")
+  runner.run_experiment(_cfg(workdir, **ADAPTIVE))
+  return workdir
+
+
+def test_adaptive_batch_size_follows_the_norm_test(adaptive_run):
+  """b grows to the next bucket >= ceil(ratio * b) when the test fails (ratio > 1).
+
+  norm_test_ratio = (sum_j s_j^2 / b) / (eta^2 ||g||^2), so the norm test's
+  b* = ceil(ratio * b); buckets are 16 * 2**k capped at 64 (multiples of data=8).
+  """
+  train = [r for r in _records(adaptive_run) if r["split"] == "train"]
+  sizes = [r["batch_size"] for r in train]
+  assert sizes[0] == 16 and sizes[-1] > 16  # digits' per-example noise makes it grow
+  for prev, nxt in zip(train, train[1:]):
+    b, ratio = prev["batch_size"], prev["norm_test_ratio"]
+    want = b
+    if ratio > 1:
+      b_star = math.ceil(ratio * b)
+      want = next((s for s in (16, 32, 64) if s >= max(b, b_star)), 64)
+    assert nxt["batch_size"] == want, (prev, nxt)
+  assert runner.batch_size_buckets(16, 64) == (16, 32, 64)
+  assert runner.batch_size_buckets(16, 40) == (16, 32, 40)
+
+
+def test_adaptive_batch_size_resumes_with_its_controller_state(adaptive_run, tmp_path):
+  runner.run_experiment(_cfg(tmp_path, stop_after_step=6, **ADAPTIVE))
+  runner.run_experiment(_cfg(tmp_path, **ADAPTIVE))
+  cut, full = _records(tmp_path), _records(adaptive_run)
+  assert cut == full
+  # Resumed from the step-4 checkpoint with a grown batch: a fresh controller would say 16.
+  assert [r["batch_size"] for r in full if r["split"] == "train"][4] > 16
+
+
+@pytest.mark.parametrize("override, pattern", [
+    (dict(batch_size_controller="adagrad"), r"batch_size_controller='adagrad' is invalid; it must be '' \(a fixed batch size\) or one of adadagrad"),
+    (dict(batch_size_controller="adadagrad", max_batch_size=60), r"max_batch_size=60 is invalid; .* a multiple of the mesh's data axis \(size 8\)"),
+    (dict(batch_size_controller="adadagrad", adadagrad_eta=0.0), r"adadagrad_eta=0.0 is invalid; it must be > 0"),
+    (dict(batch_size_controller="adadagrad", algorithm="diloco"), r"cannot be combined with --algorithm='diloco'"),
+])
+def test_adaptive_batch_size_bad_config(tmp_path, override, pattern):
+  with pytest.raises(runner.UsageError, match=pattern):
+    runner.run_experiment(_cfg(tmp_path, **override))
+
+
+def test_lawa_is_evaluated_at_its_averaged_params(tmp_path):
+  """The eval of lawa_adamw is that of the mean of the step-5 and step-10 iterates."""
+  spec = "lawa_adamw:learning_rate=0.003:num_checkpoints=2:checkpoint_every=5"
+  runner.run_experiment(_cfg(tmp_path, task="digits_mlp:hidden=16", optimizers=spec,
+                             steps=10, eval_every=10, checkpoint_every=0))
+  evals = [r for r in _records(tmp_path, runner._label_dir(spec)) if r["split"] == "eval"]
+  task = tasks.get_task("digits_mlp", hidden=16)
+  params = task.init(jax.random.key(0))
+  tx = optax.adamw(3e-3, weight_decay=1e-4)  # LAWA trains the raw iterate with its base
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, b: tx.update(jax.grad(task.loss)(p, b), s, p))
+  iterates = []
+  for i in range(10):
+    updates, state = step(params, state, task.train_batch(i, 16, 0))
+    params = optax.apply_updates(params, updates)
+    iterates.append(params)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, iterates[4], iterates[9])
+  want = task.metrics(mean, task.eval_batch())
+  raw = task.metrics(iterates[9], task.eval_batch())
+  assert evals[-1]["step"] == 10
+  np.testing.assert_allclose(evals[-1]["loss"], float(want["loss"]), rtol=1e-5)
+  assert abs(float(raw["loss"]) - float(want["loss"])) > 1e-3  # the average is not the iterate
