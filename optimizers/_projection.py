@@ -9,7 +9,7 @@ shape ``(r, n)`` when ``m >= n`` ("left" projection, ``R = P^T G``) and
 """
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +204,34 @@ def restore(tree: Any, like: Any) -> Any:
       return x
     return jax.sharding.reshard(x, spec)
   return jax.tree.map(one, tree, like)
+
+
+def map_leaves(leaf_fn: Callable[..., tuple], updates: Any,
+               *fields: Any) -> tuple[Any, tuple[Any, ...]]:
+  """The per-leaf loop of the subspace optimizers.
+
+  Calls ``leaf_fn(index, g, *field_leaves) -> (u, *new_field_leaves)`` for
+  every gradient leaf ``g`` (gathered first, see :func:`replicate`) with the
+  matching leaves of each state tree in ``fields`` (flattened up to the
+  gradients' structure, so a field leaf may itself be a small pytree).
+
+  Returns:
+    ``(new_updates, new_fields)``: the updates in the gradients' shardings
+    (:func:`restore`) and one new tree per field.
+  """
+  leaves, treedef = jax.tree.flatten(replicate(updates))
+  per_field = [treedef.flatten_up_to(f) for f in fields]
+  out = [leaf_fn(i, g, *vals)
+         for i, (g, *vals) in enumerate(zip(leaves, *per_field))]
+  cols = list(zip(*out)) if out else [[]] * (len(fields) + 1)
+  new_updates = restore(treedef.unflatten(list(cols[0])), updates)
+  return new_updates, tuple(treedef.unflatten(list(c)) for c in cols[1:])
+
+
+def adam_leaf(g, mu, nu, count, b1, b2, eps):
+  """Plain Adam for a leaf kept whole (vectors, scalars): ``(u, mu, nu)``.
+
+  ``u`` is in ``g``'s dtype; the moments stay float32.
+  """
+  mu, nu = adam_moments(g.astype(jnp.float32), mu, nu, b1, b2)
+  return adam_direction(mu, nu, count, b1, b2, eps).astype(g.dtype), mu, nu

@@ -149,29 +149,17 @@ def scale_by_apollo(
     epoch = state.count // update_proj_gap
     refresh = state.count % update_proj_gap == 0
 
-    grads_in = updates
-    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
-    mus = treedef.flatten_up_to(state.mu)
-    nus = treedef.flatten_up_to(state.nu)
-    norms = treedef.flatten_up_to(state.prev_norm)
-    bases = treedef.flatten_up_to(state.basis)
-    out = []
-    for i, (g, mu, nu, prev, basis) in enumerate(
-        zip(leaves, mus, nus, norms, bases)):
+    def leaf(i, g, mu, nu, prev, basis):
       mshape = as_matrix_shape(g.shape)
-      g32 = g.astype(jnp.float32)
       if mshape is None:
-        mu, nu = proj.adam_moments(g32, mu, nu, b1, b2)
-        u = proj.adam_direction(mu, nu, count, b1, b2, eps)
-        out.append((u.astype(g.dtype), mu, nu, prev, basis))
-        continue
+        return (*proj.adam_leaf(g, mu, nu, count, b1, b2, eps), prev, basis)
       r_leaf = leaf_rank(mshape)
-      g2 = g32.reshape(mshape)
+      g2 = g.astype(jnp.float32).reshape(mshape)
       if projection == "random":
         p = proj.gaussian_basis(proj.leaf_key(seed, i, epoch), mshape, r_leaf)
       else:
-        p = jax.lax.cond(refresh, lambda g2=g2: proj.svd_basis(g2, r_leaf),
-                         lambda basis=basis: basis)
+        p = jax.lax.cond(refresh, lambda: proj.svd_basis(g2, r_leaf),
+                         lambda: basis)
         basis = p
       r = proj.project(g2, p)
       mu, nu = proj.adam_moments(r, mu, nu, b1, b2)
@@ -191,19 +179,14 @@ def scale_by_apollo(
             / norm_growth_limit, 1.0)
         u = u / limiter
         prev = norm / limiter
-      out.append((u.reshape(g.shape).astype(g.dtype), mu, nu,
-                  prev.astype(jnp.float32), basis))
+      return (u.reshape(g.shape).astype(g.dtype), mu, nu,
+              prev.astype(jnp.float32), basis)
 
-    cols = list(zip(*out)) if out else [[]] * 5
-    new_updates = treedef.unflatten(cols[0])
-    new_state = ApolloState(
-        count=count,
-        mu=treedef.unflatten(cols[1]),
-        nu=treedef.unflatten(cols[2]),
-        prev_norm=treedef.unflatten(cols[3]),
-        basis=treedef.unflatten(cols[4]))
-    new_state = proj.keep_sharding(new_state, state)
-    return proj.restore(new_updates, grads_in), new_state
+    new_updates, (mu, nu, prev_norm, basis) = proj.map_leaves(
+        leaf, updates, state.mu, state.nu, state.prev_norm, state.basis)
+    new_state = ApolloState(count=count, mu=mu, nu=nu, prev_norm=prev_norm,
+                            basis=basis)
+    return new_updates, proj.keep_sharding(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -142,22 +142,12 @@ def scale_by_frugal(
     refresh = state.count % update_gap == 0
     local_count = state.count % update_gap + 1  # steps since re-selection
 
-    grads_in = updates
-    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
-    mus = treedef.flatten_up_to(state.mu)
-    nus = treedef.flatten_up_to(state.nu)
-    bases = treedef.flatten_up_to(state.basis)
-    out = []
-    for i, (g, mu, nu, basis) in enumerate(zip(leaves, mus, nus, bases)):
+    def leaf(i, g, mu, nu, basis):
       mshape = proj.matrix_shape(g.shape)
-      g32 = g.astype(jnp.float32)
       if mshape is None:
-        mu, nu = proj.adam_moments(g32, mu, nu, b1, b2)
-        u = proj.adam_direction(mu, nu, count, b1, b2, eps)
-        out.append((u.astype(g.dtype), mu, nu, basis))
-        continue
+        return (*proj.adam_leaf(g, mu, nu, count, b1, b2, eps), basis)
       transpose = not proj.is_left(mshape)
-      g2 = g32.reshape(mshape)
+      g2 = g.astype(jnp.float32).reshape(mshape)
       g2 = g2.T if transpose else g2
       rows = g2.shape[0]
       k = mu.shape[0]
@@ -179,24 +169,20 @@ def scale_by_frugal(
           # An orthonormal basis keeps PPᵀ a projection.
           p, _ = jnp.linalg.qr(p)
         else:
-          p = jax.lax.cond(refresh, lambda g2=g2: proj.svd_basis(g2, k),
-                           lambda basis=basis: basis)
+          p = jax.lax.cond(refresh, lambda: proj.svd_basis(g2, k),
+                           lambda: basis)
           basis = p
         r = p.T @ g2
         mu, nu = proj.adam_moments(r, mu, nu, b1, b2)
         active = proj.adam_direction(mu, nu, local_count, b1, b2, eps)
         u = p @ active + inactive_scale * free(g2 - p @ r)
       u = u.T if transpose else u
-      out.append((u.reshape(g.shape).astype(g.dtype), mu, nu, basis))
+      return u.reshape(g.shape).astype(g.dtype), mu, nu, basis
 
-    cols = list(zip(*out)) if out else [[]] * 4
-    new_state = FrugalState(
-        count=count,
-        mu=treedef.unflatten(cols[1]),
-        nu=treedef.unflatten(cols[2]),
-        basis=treedef.unflatten(cols[3]))
-    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
-            proj.keep_sharding(new_state, state))
+    new_updates, (mu, nu, basis) = proj.map_leaves(
+        leaf, updates, state.mu, state.nu, state.basis)
+    new_state = FrugalState(count=count, mu=mu, nu=nu, basis=basis)
+    return new_updates, proj.keep_sharding(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -143,26 +143,17 @@ def scale_by_grass(
     refresh = state.count % update_proj_gap == 0
     local_count = state.count % update_proj_gap + 1
 
-    grads_in = updates
-    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
-    fields = [treedef.flatten_up_to(x) for x in
-              (state.mu, state.nu, state.rows, state.row_scale)]
-    out = []
-    for i, (g, mu, nu, rows, scale) in enumerate(zip(leaves, *fields)):
+    def leaf(i, g, mu, nu, rows, scale):
       mshape = proj.matrix_shape(g.shape)
-      g32 = g.astype(jnp.float32)
       if mshape is None:
-        mu, nu = proj.adam_moments(g32, mu, nu, b1, b2)
-        u = proj.adam_direction(mu, nu, count, b1, b2, eps)
-        out.append((u.astype(g.dtype), mu, nu, rows, scale))
-        continue
+        return (*proj.adam_leaf(g, mu, nu, count, b1, b2, eps), rows, scale)
       transpose = not proj.is_left(mshape)
-      g2 = g32.reshape(mshape)
+      g2 = g.astype(jnp.float32).reshape(mshape)
       g2 = g2.T if transpose else g2
       key = proj.leaf_key(seed, i, epoch)
       rows, scale = jax.lax.cond(
-          refresh, lambda g2=g2, key=key: select_rows(g2, rank, selection, key),
-          lambda rows=rows, scale=scale: (rows, scale))
+          refresh, lambda: select_rows(g2, rank, selection, key),
+          lambda: (rows, scale))
       mu = jnp.where(refresh, 0.0, mu)
       nu = jnp.where(refresh, 0.0, nu)
       r = scale[:, None] * g2[rows]
@@ -170,12 +161,11 @@ def scale_by_grass(
       a = proj.adam_direction(mu, nu, local_count, b1, b2, eps)
       u = jnp.zeros_like(g2).at[rows].add(scale[:, None] * a)
       u = u.T if transpose else u
-      out.append((u.reshape(g.shape).astype(g.dtype), mu, nu, rows, scale))
+      return u.reshape(g.shape).astype(g.dtype), mu, nu, rows, scale
 
-    cols = list(zip(*out)) if out else [[]] * 5
-    new_state = GrassState(count, *(treedef.unflatten(c) for c in cols[1:]))
-    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
-            proj.keep_sharding(new_state, state))
+    new_updates, fields = proj.map_leaves(
+        leaf, updates, state.mu, state.nu, state.rows, state.row_scale)
+    return new_updates, proj.keep_sharding(GrassState(count, *fields), state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -84,14 +84,10 @@ def scale_by_woodbury_fisher(
       nat = (gv - gm.T @ coef) / lam
       return nat.reshape(g.shape).astype(g.dtype), hist
 
-    grads_in = updates
-    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
-    hists = treedef.flatten_up_to(state.history)
-    out = [leaf(g, h) for g, h in zip(leaves, hists)]
-    cols = list(zip(*out)) if out else [[]] * 2
-    new_state = WoodburyFisherState(count, treedef.unflatten(cols[1]))
-    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
-            proj.keep_sharding(new_state, state))
+    new_updates, (history,) = proj.map_leaves(
+        lambda i, g, h: leaf(g, h), updates, state.history)
+    new_state = WoodburyFisherState(count, history)
+    return new_updates, proj.keep_sharding(new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -113,25 +113,11 @@ def one_cycle_schedule(
   """
   _check_int("transition_steps", transition_steps, 2)
   _tree.check_range("peak_value", peak_value, 0.0, low_inclusive=False)
-  _tree.check_range("pct_start", pct_start, 0.0, 0.5 if three_phase else 1.0,
-                    low_inclusive=False, high_inclusive=False)
   _tree.check_range("div_factor", div_factor, 1.0)
   _tree.check_range("final_div_factor", final_div_factor, 1.0)
-  _check_choice("anneal_strategy", anneal_strategy, _ANNEAL)
   init = peak_value / div_factor
-  final = init / final_div_factor
-  up = max(1, int(round(pct_start * transition_steps)))
-  if three_phase:
-    edges = (0, up, 2 * up, transition_steps)
-    values = (init, peak_value, init, final)
-  else:
-    edges = (0, up, transition_steps)
-    values = (init, peak_value, final)
-
-  def schedule(count):
-    return _phases(count, edges, values, anneal_strategy)
-
-  return schedule
+  return _cycle(transition_steps, pct_start, anneal_strategy, three_phase,
+                init, peak_value, init / final_div_factor)
 
 
 def one_cycle_momentum_schedule(
@@ -172,16 +158,28 @@ def one_cycle_momentum_schedule(
   _tree.check_range("max_momentum", max_momentum, 0.0, 1.0,
                     high_inclusive=False)
   _tree.check_range("base_momentum", base_momentum, 0.0, max_momentum)
+  return _cycle(transition_steps, pct_start, anneal_strategy, three_phase,
+                max_momentum, base_momentum, max_momentum)
+
+
+def _cycle(transition_steps, pct_start, anneal_strategy, three_phase, start,
+           turn, end) -> optax.Schedule:
+  """The one-cycle shape: ``start -> turn`` on ``[0, u]``, then ``-> end``.
+
+  ``u = round(pct_start * transition_steps)``. Three phases go back to
+  ``start`` on ``[u, 2u]`` and then to ``end``. Checks ``pct_start`` and
+  ``anneal_strategy``.
+  """
   _tree.check_range("pct_start", pct_start, 0.0, 0.5 if three_phase else 1.0,
                     low_inclusive=False, high_inclusive=False)
   _check_choice("anneal_strategy", anneal_strategy, _ANNEAL)
   up = max(1, int(round(pct_start * transition_steps)))
   if three_phase:
     edges = (0, up, 2 * up, transition_steps)
-    values = (max_momentum, base_momentum, max_momentum, max_momentum)
+    values = (start, turn, start, end)
   else:
     edges = (0, up, transition_steps)
-    values = (max_momentum, base_momentum, max_momentum)
+    values = (start, turn, end)
 
   def schedule(count):
     return _phases(count, edges, values, anneal_strategy)

@@ -182,12 +182,7 @@ def scale_by_subset_norm_subspace_momentum(
     local_count = state.count % update_proj_gap + 1
     t = count.astype(jnp.float32)
 
-    grads_in = updates
-    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
-    fields = [treedef.flatten_up_to(x)
-              for x in (state.mu, state.nu, state.basis)]
-    out = []
-    for i, (g, mu, nu, basis) in enumerate(zip(leaves, *fields)):
+    def leaf(i, g, mu, nu, basis):
       g32 = g.astype(jnp.float32)
       mshape = proj.matrix_shape(g.shape)
       # Numerator.
@@ -205,8 +200,8 @@ def scale_by_subset_norm_subspace_momentum(
                                   rank)
           p, _ = jnp.linalg.qr(p)
         else:
-          p = jax.lax.cond(refresh, lambda g2=g2: proj.svd_basis(g2, rank),
-                           lambda basis=basis: basis)
+          p = jax.lax.cond(refresh, lambda: proj.svd_basis(g2, rank),
+                           lambda: basis)
           basis = p
         r = p.T @ g2
         mu = jnp.where(refresh, 0.0, mu)
@@ -225,13 +220,12 @@ def scale_by_subset_norm_subspace_momentum(
         denom = jnp.sqrt(nu_hat) + eps
         view = _subset_view(num, subset_size) / denom[:, None]
         num = _from_subset_view(view, g.shape, subset_size)
-      out.append((num.astype(g.dtype), mu, nu, basis))
+      return num.astype(g.dtype), mu, nu, basis
 
-    cols = list(zip(*out)) if out else [[]] * 4
-    new_state = SubsetNormState(count,
-                                *(treedef.unflatten(c) for c in cols[1:]))
-    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
-            proj.keep_sharding(new_state, state))
+    new_updates, fields = proj.map_leaves(
+        leaf, updates, state.mu, state.nu, state.basis)
+    return new_updates, proj.keep_sharding(SubsetNormState(count, *fields),
+                                           state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
