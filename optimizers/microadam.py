@@ -113,12 +113,12 @@ def scale_by_microadam(
     e \leftarrow Q(a \odot 1_{\notin I_t}),\\
     m = \sum_{j} (1-\beta_1)\beta_1^{r_j} V_j,\quad
     v = \sum_{j} (1-\beta_2)\beta_2^{r_j} V_j^2,\quad
-    u = \frac{m / (1-\beta_1^{w})}{\sqrt{v / (1-\beta_2^{w})} + \epsilon},
+    u = \frac{m / (1-\beta_1^{t})}{\sqrt{v / (1-\beta_2^{t})} + \epsilon},
 
   where ``r_j`` is the age of slot ``j`` (0 for the newest), the sums run
-  over the ``w = min(t, window)`` filled slots, and the corrections divide by
-  the window's total weight (equal to Adam's bias correction while
-  ``t <= window``). Top-k is taken per block of ``block_size`` entries
+  over the ``min(t, window)`` filled slots, and ``t`` is the step: Adam's bias
+  correction, as in the authors' CUDA kernel (``ista-daslab-optimizers``),
+  even though the window holds only the last ``window`` gradients. Top-k is taken per block of ``block_size`` entries
   (``k = ceil(density·B)``), so positions fit in int16 and values are bf16.
 
   Args:
@@ -181,16 +181,13 @@ def scale_by_microadam(
     agesf = ages.astype(jnp.float32)
     w1 = jnp.where(valid, (1.0 - b1_) * b1_ ** agesf, 0.0)
     w2 = jnp.where(valid, (1.0 - b2_) * b2_ ** agesf, 0.0)
-    norm1 = 1.0 - b1_ ** filled.astype(jnp.float32)
-    norm2 = 1.0 - b2_ ** filled.astype(jnp.float32)
+    # Adam's bias correction at the global step t, as in the authors' kernel
+    # (ISTA-DASLab ``compute_microadam_update``: c = (1 - b) / (1 - b**t)).
+    norm1 = 1.0 - b1_ ** count.astype(jnp.float32)
+    norm2 = 1.0 - b2_ ** count.astype(jnp.float32)
 
-    grads_in = updates
-    leaves, treedef = jax.tree.flatten(proj.replicate(updates))
-    fields = [treedef.flatten_up_to(x) for x in
-              (state.ef, state.ef_min, state.ef_max, state.indices,
-               state.values)]
-    out = []
-    for g, ef, lo, hi, idx_buf, val_buf in zip(leaves, *fields):
+    def leaf(i, g, ef, lo, hi, idx_buf, val_buf):
+      del i
       lt = lay(g)
       flat = jnp.pad(g.astype(jnp.float32).reshape(-1),
                      (0, lt.padded - lt.d))
@@ -215,13 +212,13 @@ def scale_by_microadam(
           (w2[:, None, None] * jnp.square(v32)).reshape(-1))
       u = (m / norm1) / (jnp.sqrt(v / norm2) + eps)
       u = u[:lt.d].reshape(g.shape).astype(g.dtype)
-      out.append((u, ef, lo, hi, idx_buf, val_buf))
+      return u, ef, lo, hi, idx_buf, val_buf
 
-    cols = list(zip(*out)) if out else [[]] * 6
-    new_state = MicroAdamState(count,
-                               *(treedef.unflatten(c) for c in cols[1:]))
-    return (proj.restore(treedef.unflatten(cols[0]), grads_in),
-            proj.keep_sharding(new_state, state))
+    new_updates, fields = proj.map_leaves(
+        leaf, updates, state.ef, state.ef_min, state.ef_max, state.indices,
+        state.values)
+    return new_updates, proj.keep_sharding(MicroAdamState(count, *fields),
+                                           state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

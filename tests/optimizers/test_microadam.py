@@ -47,8 +47,8 @@ def ref_microadam(grads, density, window, b1, b2, eps, block, qb):
     for age, (p, val) in enumerate(reversed(buf)):
       np.add.at(m, p, (1 - b1) * b1 ** age * val)
       np.add.at(v, p, (1 - b2) * b2 ** age * val ** 2)
-    w = len(buf)
-    outs.append((m / (1 - b1 ** w)) / (np.sqrt(v / (1 - b2 ** w)) + eps))
+    # Adam's bias correction at step t (the authors' kernel), not the window's weight.
+    outs.append((m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps))
   return outs
 
 
