@@ -139,6 +139,31 @@ def as_varying(x, axis_name: str):
   return lax.pcast(x, axis_name, to="varying")
 
 
+def _explicit_spec(x):
+  """``x``'s PartitionSpec when it is sharded over an explicit mesh axis."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if spec is None or all(s is None for s in spec):
+    return None
+  return spec
+
+
+def unshard(x):
+  """``x`` replicated over the explicit mesh axes it is sharded on.
+
+  Compressors see whole tensors (a scale over all of ``x``, a flat bit
+  vector), and under an explicit mesh (``AxisType.Explicit``) flattening a
+  sharded array has no implied sharding. Inside ``shard_map`` over a fully
+  manual mesh nothing is sharded, so this is a no-op there and adds no bytes.
+  """
+  return x if _explicit_spec(x) is None else jax.sharding.reshard(x, P())
+
+
+def shard_like(y, ref):
+  """``y`` (shaped like ``ref``) given ``ref``'s explicit-mesh sharding."""
+  spec = _explicit_spec(ref)
+  return y if spec is None else jax.sharding.reshard(y, spec)
+
+
 def _all_to_all(tree, axis_name):
   return jax.tree.map(
       lambda a: lax.all_to_all(a, axis_name, 0, 0, tiled=True), tree)
@@ -152,6 +177,14 @@ def _all_gather(tree, axis_name):
 
 def _leaf_pmean(x, st: PmeanState, compressor, axis_name, schedule, key,
                 server_error):
+  ref = x
+  mean, local, st = _leaf_pmean_whole(unshard(x), st, compressor, axis_name,
+                                      schedule, key, server_error)
+  return shard_like(mean, ref), shard_like(local, ref), st
+
+
+def _leaf_pmean_whole(x, st: PmeanState, compressor, axis_name, schedule,
+                      key, server_error):
   n = axis_size(axis_name, "compressed_pmean")
   shape = x.shape
   d = max(1, math.prod(shape))
@@ -250,7 +283,10 @@ def compressed_pmean(x, compressor: Compressor, axis_name: str | None,
   (they wrap, §6.5).
 
   Args:
-    x: a pytree of float arrays (this device's values).
+    x: a pytree of float arrays (this device's values). A leaf sharded
+      over explicit mesh axes (outside ``shard_map``) is compressed
+      whole (replicated first, see :func:`unshard`); ``mean`` and
+      ``local`` keep its sharding.
     compressor: a :class:`~gradax.distributed.Compressor`.
     axis_name: the mesh axis, bound by an enclosing ``jax.shard_map``; None
       means one replica (no collective; compression still applies).

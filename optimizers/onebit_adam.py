@@ -8,7 +8,6 @@ Adam's Convergence Speed", ICML 2021, arXiv 2102.02888. Reference: DeepSpeed
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -16,10 +15,14 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from gradax.distributed import collectives as _col
 from gradax.distributed import compressors as _comp
-from gradax.optimizers.error_feedback import check_axis, pmean_init
+from gradax.optimizers import _onebit as _ob
+from gradax.optimizers._onebit import onebit_bytes  # re-exported
 from gradax.optimizers._tree import check_range
+from gradax.optimizers.error_feedback import check_axis
+
+__all__ = ["OnebitAdamState", "onebit_adam", "onebit_bytes",
+           "scale_by_onebit_adam"]
 
 
 class OnebitAdamState(NamedTuple):
@@ -41,38 +44,6 @@ class OnebitAdamState(NamedTuple):
   worker_error: Any
   pmean: Any
   comm_bytes: jax.Array
-
-
-def _check_common(b1, b2, eps, freeze_step, freeze_name="freeze_step"):
-  check_range("b1", b1, 0.0, 1.0, high_inclusive=False)
-  check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
-  check_range("eps", eps, 0.0, None, low_inclusive=False)
-  if not isinstance(freeze_step, int) or isinstance(freeze_step, bool) or \
-      freeze_step < 0:
-    raise ValueError(f"{freeze_name} must be an integer >= 0; got "
-                     f"{freeze_name}={freeze_step!r}.")
-
-
-def onebit_bytes(params, n: int, compressed: bool,
-                 compressor: _comp.Compressor | None = None) -> float:
-  """Per-device ring-model bytes of one 1-bit Adam step on ``n`` replicas.
-
-  Warm-up: an f32 all-reduce, 2(n-1)/n * 4d. Compression stage: per tensor,
-  the two-phase 1-bit all-reduce sends 2(n-1) * (c/8 + 4) bytes, with chunk
-  length c = ceil(d/n) rounded up to a multiple of 8.
-  """
-  comp = compressor or _comp.onebit()
-  total = 0.0
-  for leaf in jax.tree.leaves(params):
-    d = max(1, math.prod(jnp.shape(leaf)))
-    if n <= 1:
-      continue
-    if not compressed:
-      total += 2 * (n - 1) / n * 4 * d
-    else:
-      c = _col._chunk_len(d, n, comp.chunk_multiple)  # pylint: disable=protected-access
-      total += 2 * (n - 1) * comp.payload_nbytes((c,))
-  return total
 
 
 def scale_by_onebit_adam(
@@ -118,30 +89,22 @@ def scale_by_onebit_adam(
     >>> tx = scale_by_onebit_adam(freeze_step=100, axis_name="data")
     >>> updates, state = tx.update(grads, state)   # inside shard_map
   """
-  _check_common(b1, b2, eps, freeze_step)
+  _ob.check_adam_args(b1, b2, eps, freeze_step)
   comp = _comp.onebit()
   bc2_frozen = 1.0 - b2 ** max(freeze_step, 1)
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
-                         params)
-    return OnebitAdamState(
-        count=jnp.zeros((), jnp.int32), mu=zeros, nu=zeros,
-        worker_error=zeros,
-        pmean=pmean_init(zeros, comp, axis_name, "two_phase"),
-        comm_bytes=jnp.zeros((), jnp.float32))
+    return OnebitAdamState(**_ob.moments_state_init(params, comp, axis_name))
 
   def update_fn(updates, state, params=None, **extra):
     del params, extra
     n = check_axis(axis_name, "onebit_adam")
-    g = jax.tree.map(lambda x: x.astype(jnp.float32), updates)
+    g = _ob.to_f32(updates)
     t = optax.safe_int32_increment(state.count)
 
     def warmup(_):
-      gm = g if axis_name is None else jax.tree.map(
-          lambda x: lax.pmean(x, axis_name), g)
-      mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, state.mu, gm)
-      nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, state.nu, gm)
+      gm = _ob.data_mean(g, axis_name)
+      mu, nu = _ob.ema(state.mu, gm, b1), _ob.ema_sq(state.nu, gm, b2)
       tf = t.astype(jnp.float32)
       c1, c2 = 1 - b1 ** tf, 1 - b2 ** tf
       u = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps),
@@ -149,16 +112,13 @@ def scale_by_onebit_adam(
       return u, mu, nu, state.worker_error, state.pmean
 
     def compress(_):
-      mloc = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, state.mu, g)
-      b = jax.tree.map(jnp.add, mloc, state.worker_error)
-      mean, local, pstate = _col.compressed_pmean(
-          b, comp, axis_name, state.pmean, "two_phase", return_local=True)
-      we = jax.tree.map(jnp.subtract, b, local)
-      live = jax.tree.map(lambda v: v > 0, state.nu)
-      mu = jax.tree.map(lambda m, k: jnp.where(k, m, 0.0), mean, live)
-      u = jax.tree.map(
-          lambda m, v, k: jnp.where(k, m / (jnp.sqrt(v / bc2_frozen) + eps),
-                                    0.0), mu, state.nu, live)
+      mean, we, pstate = _ob.onebit_allreduce(
+          _ob.ema(state.mu, g, b1), state.worker_error, state.pmean, comp,
+          axis_name)
+      keep = _ob.live(state.nu)
+      mu = _ob.where_live(keep, mean)
+      u = _ob.where_live(keep, jax.tree.map(
+          lambda m, v: m / (jnp.sqrt(v / bc2_frozen) + eps), mu, state.nu))
       return u, mu, state.nu, we, pstate
 
     u, mu, nu, we, pstate = lax.cond(t <= freeze_step, warmup, compress,
@@ -166,8 +126,8 @@ def scale_by_onebit_adam(
     sent = jnp.where(t <= freeze_step,
                      jnp.float32(onebit_bytes(g, n, False)),
                      jnp.float32(onebit_bytes(g, n, True, comp)))
-    u = jax.tree.map(lambda x, r: x.astype(r.dtype), u, updates)
-    return u, OnebitAdamState(t, mu, nu, we, pstate, sent)
+    return _ob.cast_like(u, updates), OnebitAdamState(t, mu, nu, we, pstate,
+                                                      sent)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

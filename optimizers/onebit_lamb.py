@@ -14,13 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-from jax.flatten_util import ravel_pytree
 
-from gradax.distributed import collectives as _col
 from gradax.distributed import compressors as _comp
-from gradax.optimizers.error_feedback import check_axis, pmean_init
-from gradax.optimizers.onebit_adam import _check_common, onebit_bytes
+from gradax.optimizers import _onebit as _ob
 from gradax.optimizers._tree import check_range
+from gradax.optimizers.error_feedback import check_axis
 
 
 class OnebitLambState(NamedTuple):
@@ -85,6 +83,10 @@ def onebit_lamb(
   f = max(denom / denom_fresh) (mixed with 1 by the weight-decay share of
   the update), clipped to [factor_min, factor_max] and to
   (1 +- factor_threshold) of the previous f. No bias correction.
+  Coordinates whose frozen v is exactly 0 (gradients that were always zero)
+  keep zero momentum and get a zero update, as in :func:`onebit_adam`: the
+  sign compressor cannot send a 0, and m / (sqrt(0) + eps) would turn its
+  sign noise into a 1/eps step.
 
   Args:
     learning_rate: float or schedule.
@@ -105,47 +107,40 @@ def onebit_lamb(
     >>> tx = onebit_lamb(1e-3, freeze_step=200, axis_name="data")
     >>> updates, state = tx.update(grads, state, params)  # in shard_map
   """
-  _check_common(b1, b2, eps, freeze_step)
+  _ob.check_adam_args(b1, b2, eps, freeze_step)
   check_range("weight_decay", weight_decay, 0.0, None)
   check_range("coeff_beta", coeff_beta, 0.0, 1.0, high_inclusive=False)
   check_range("min_coeff", min_coeff, 0.0, max_coeff)
   check_range("factor_min", factor_min, 0.0, factor_max)
   check_range("factor_threshold", factor_threshold, 0.0, 1.0)
   comp = _comp.onebit()
-  lr_fn = learning_rate if callable(learning_rate) else (
-      lambda _: learning_rate)
+  lr_fn = _ob.schedule_fn(learning_rate)
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
-                         params)
+    base = _ob.moments_state_init(params, comp, axis_name, fused=True)
     scalars = lambda v: jax.tree.map(lambda _: jnp.float32(v), params)
-    flat, _ = ravel_pytree(zeros)
     return OnebitLambState(
-        count=jnp.zeros((), jnp.int32), mu=zeros, nu=zeros, nu_fresh=zeros,
-        coeff_freeze=scalars(0.0), last_factor=scalars(1.0),
-        scaling=scalars(1.0), worker_error=flat,
-        pmean=pmean_init(flat, comp, axis_name, "two_phase"),
-        comm_bytes=jnp.zeros((), jnp.float32))
+        **base, nu_fresh=base["nu"], coeff_freeze=scalars(0.0),
+        last_factor=scalars(1.0), scaling=scalars(1.0))
 
   def norm(x):
     return jnp.sqrt(jnp.sum(jnp.square(x)))
+
+  def safe_div(a, b):
+    return a / jnp.where(b > 0, b, 1.0)
 
   def update_fn(updates, state, params=None, **extra):
     del extra
     if params is None:
       raise ValueError("onebit_lamb needs params in update(); got None.")
     n = check_axis(axis_name, "onebit_lamb")
-    g = jax.tree.map(lambda x: x.astype(jnp.float32), updates)
-    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    g, p32 = _ob.to_f32(updates), _ob.to_f32(params)
     t = optax.safe_int32_increment(state.count)
     lr = jnp.asarray(lr_fn(state.count), jnp.float32)
-    flat_g, unravel = ravel_pytree(g)
 
     def warmup(st):
-      gm = g if axis_name is None else jax.tree.map(
-          lambda x: lax.pmean(x, axis_name), g)
-      mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, st.mu, gm)
-      nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, st.nu, gm)
+      gm = _ob.data_mean(g, axis_name)
+      mu, nu = _ob.ema(st.mu, gm, b1), _ob.ema_sq(st.nu, gm, b2)
       nu_fresh = jax.tree.map(lambda v, f: jnp.where(t == freeze_step, v, f),
                               nu, st.nu_fresh)
 
@@ -153,8 +148,7 @@ def onebit_lamb(
         u = m / (jnp.sqrt(v) + eps) + weight_decay * p
         wn, un = norm(p), norm(u)
         r = jnp.where((wn > 0) & (un > 0),
-                      jnp.clip(wn / jnp.where(un > 0, un, 1.0), min_coeff,
-                               max_coeff), 1.0)
+                      jnp.clip(safe_div(wn, un), min_coeff, max_coeff), 1.0)
         c = jnp.where(r != 1.0, coeff_beta * c + (1 - coeff_beta) * r, c)
         return -lr * r * u, c
 
@@ -172,25 +166,25 @@ def onebit_lamb(
       scaling = jax.tree.map(
           lambda r, s: jnp.where(first, jnp.where(r > 0, united / r, 1.0), s),
           rms, st.scaling)
-      mloc = jax.tree.map(lambda m, x, s: (b1 * m + (1 - b1) * x) * s,
-                          st.mu, g, scaling)
-      flat_m, _ = ravel_pytree(mloc)
-      b = flat_m + st.worker_error
-      mean, local, pst = _col.compressed_pmean(
-          b, comp, axis_name, st.pmean, "two_phase", return_local=True)
-      mu = jax.tree.map(jnp.divide, unravel(mean), scaling)
+      mloc = jax.tree.map(jnp.multiply, _ob.ema(st.mu, g, b1), scaling)
+      mean, we, pst = _ob.onebit_allreduce(
+          _ob.fuse(mloc), st.worker_error, st.pmean, comp, axis_name)
+      mu = _ob.where_live(_ob.live(st.nu), jax.tree.map(
+          jnp.divide, _ob.unfuse(mean, mloc), scaling))
 
       def leaf(m, m_prev, v, vf, p, c, last):
         g_rec = (m - b1 * m_prev) / (1 - b1)
         vf = b2 * vf + (1 - b2) * g_rec * g_rec
         denom = jnp.sqrt(v) + eps
-        pre = m / denom
+        pre = m / denom  # 0 where v = 0: m is held at 0 there
         u = pre + weight_decay * p
         f = jnp.max(denom / (jnp.sqrt(vf) + eps))
-        if weight_decay > 0:
-          un = norm(u)
-          ratio = jnp.minimum(1.0, norm(pre) / jnp.where(un > 0, un, 1.0))
-          f = f * ratio + (1.0 - ratio)
+        # The share of the update that is not weight decay; 1 when wd = 0
+        # (DeepSpeed branches on wd > 0, which a traced wd cannot).
+        un = norm(u)
+        ratio = jnp.where(un > 0, jnp.minimum(1.0, safe_div(norm(pre), un)),
+                          1.0)
+        f = f * ratio + (1.0 - ratio)
         f = jnp.clip(f, factor_min, factor_max)
         f = jnp.clip(f, last * (1 - factor_threshold),
                      last * (1 + factor_threshold))
@@ -201,13 +195,16 @@ def onebit_lamb(
       pick = lambda i: jax.tree.map(lambda _, o: o[i], mu, out)
       return pick(0), st._replace(
           mu=mu, nu_fresh=pick(1), last_factor=pick(2), scaling=scaling,
-          worker_error=b - local, pmean=pst)
+          worker_error=we, pmean=pst)
 
     warm = t <= freeze_step
     delta, st = lax.cond(warm, warmup, compress, state)
-    sent = jnp.where(warm, jnp.float32(onebit_bytes(g, n, False)),
-                     jnp.float32(onebit_bytes(flat_g, n, True, comp)))
-    delta = jax.tree.map(lambda d, r: d.astype(r.dtype), delta, updates)
-    return delta, st._replace(count=t, comm_bytes=sent)
+    sent = jnp.where(
+        warm, jnp.float32(_ob.onebit_bytes(g, n, False)),
+        jnp.float32(_ob.onebit_bytes(
+            jax.ShapeDtypeStruct((_ob.fused_size(g),), jnp.float32), n, True,
+            comp)))
+    return _ob.cast_like(delta, updates), st._replace(count=t,
+                                                      comm_bytes=sent)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

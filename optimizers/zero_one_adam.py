@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from gradax.distributed import collectives as _col
 from gradax.distributed import compressors as _comp
-from gradax.optimizers.error_feedback import check_axis, pmean_init
-from gradax.optimizers.onebit_adam import _check_common, onebit_bytes
+from gradax.optimizers import _onebit as _ob
 from gradax.optimizers._tree import check_range
+from gradax.optimizers.error_feedback import check_axis
 
 
 class ZeroOneAdamState(NamedTuple):
@@ -107,7 +106,7 @@ def zero_one_adam(
     >>> tx = zero_one_adam(1e-3, var_freeze_step=200, axis_name="data")
     >>> updates, state = tx.update(grads, state, params)  # in shard_map
   """
-  _check_common(b1, b2, eps, var_freeze_step, "var_freeze_step")
+  _ob.check_adam_args(b1, b2, eps, var_freeze_step, "var_freeze_step")
   for name, v in (("var_update_scaler", var_update_scaler),
                   ("local_step_scaler", local_step_scaler),
                   ("local_step_clipper", local_step_clipper)):
@@ -115,39 +114,32 @@ def zero_one_adam(
       raise ValueError(f"{name} must be an integer >= 1; got {name}={v!r}.")
   check_range("weight_decay", weight_decay, 0.0, None)
   comp = _comp.onebit()
-  lr_fn = learning_rate if callable(learning_rate) else (
-      lambda _: learning_rate)
+  lr_fn = _ob.schedule_fn(learning_rate)
   i32 = lambda v: jnp.asarray(v, jnp.int32)
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
-                         params)
+    base = _ob.moments_state_init(params, comp, axis_name)
     return ZeroOneAdamState(
-        count=i32(0), mu=zeros, nu=zeros, var_interval=i32(1),
-        var_counter=i32(0), local_interval=i32(1), local_counter=i32(0),
-        lrs=jnp.zeros((), jnp.float32), accumulator=zeros, worker_error=zeros,
-        pmean=pmean_init(zeros, comp, axis_name, "two_phase"),
-        comm_bytes=jnp.zeros((), jnp.float32))
+        **base, var_interval=i32(1), var_counter=i32(0),
+        local_interval=i32(1), local_counter=i32(0),
+        lrs=jnp.zeros((), jnp.float32), accumulator=base["mu"])
 
   def update_fn(updates, state, params=None, **extra):
     del extra
     if params is None:
       raise ValueError("zero_one_adam needs params in update(); got None.")
     n = check_axis(axis_name, "zero_one_adam")
-    g = jax.tree.map(lambda x: x.astype(jnp.float32), updates)
-    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    g, p32 = _ob.to_f32(updates), _ob.to_f32(params)
     t = optax.safe_int32_increment(state.count)
     lr = jnp.asarray(lr_fn(state.count), jnp.float32)
-    full_b = onebit_bytes(g, n, False)
-    bit_b = onebit_bytes(g, n, True, comp) if n > 1 else 0.0
+    full_b = _ob.onebit_bytes(g, n, False)
+    bit_b = _ob.onebit_bytes(g, n, True, comp) if n > 1 else 0.0
 
     def onebit(x, st):
       if n == 1:  # one replica: nothing to send (DeepSpeed skips it too)
         return x, st.worker_error, st.pmean
-      b = jax.tree.map(jnp.add, x, st.worker_error)
-      mean, local, pst = _col.compressed_pmean(
-          b, comp, axis_name, st.pmean, "two_phase", return_local=True)
-      return mean, jax.tree.map(jnp.subtract, b, local), pst
+      return _ob.onebit_allreduce(x, st.worker_error, st.pmean, comp,
+                                  axis_name)
 
     def adam_dir(mu, nu):
       return jax.tree.map(
@@ -156,16 +148,15 @@ def zero_one_adam(
 
     def stage1(st):
       def full(st):
-        gm = g if axis_name is None else jax.tree.map(
-            lambda x: lax.pmean(x, axis_name), g)
-        nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, st.nu, gm)
-        mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, st.mu, gm)
-        return st._replace(mu=mu, nu=nu, comm_bytes=jnp.float32(full_b))
+        gm = _ob.data_mean(g, axis_name)
+        return st._replace(mu=_ob.ema(st.mu, gm, b1),
+                           nu=_ob.ema_sq(st.nu, gm, b2),
+                           comm_bytes=jnp.float32(full_b))
 
       def bit(st):
         gm, we, pst = onebit(g, st)
-        mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, st.mu, gm)
-        return st._replace(mu=mu, worker_error=we, pmean=pst,
+        return st._replace(mu=_ob.ema(st.mu, gm, b1), worker_error=we,
+                           pmean=pst,
                            comm_bytes=jnp.float32(bit_b))
 
       st = lax.cond(t % st.var_interval == 0, full, bit, st)
@@ -179,7 +170,7 @@ def zero_one_adam(
       return delta, st
 
     def stage2(st):
-      mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, st.mu, g)
+      mu = _ob.ema(st.mu, g, b1)
       delta = jax.tree.map(lambda d: -lr * d, adam_dir(mu, st.nu))
       acc = jax.tree.map(jnp.add, st.accumulator, delta)
       st = st._replace(mu=mu, accumulator=acc, lrs=st.lrs + lr,
@@ -211,7 +202,6 @@ def zero_one_adam(
       return delta, st
 
     delta, st = lax.cond(t <= var_freeze_step, stage1, stage2, state)
-    delta = jax.tree.map(lambda d, r: d.astype(r.dtype), delta, updates)
-    return delta, st._replace(count=t)
+    return _ob.cast_like(delta, updates), st._replace(count=t)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -190,6 +190,31 @@ def test_pytree_and_single_replica():
   assert int(st2["a"].count) == 1
 
 
+def test_explicitly_sharded_tensor_single_replica():
+  # Under an explicit mesh a compressor needs the whole tensor (one scale,
+  # one bit vector): the result equals the unsharded one and keeps the
+  # input's sharding.
+  mesh = gd.make_mesh("model=8")
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 16)).astype(np.float32)
+  comp = gd.onebit()
+  st = gd.compressed_pmean_init(jnp.asarray(x), comp, None, "two_phase")
+  fn = jax.jit(functools.partial(gd.compressed_pmean, compressor=comp,
+                                 axis_name=None, schedule="two_phase",
+                                 return_local=True))
+  want, want_local, _ = fn(jnp.asarray(x), state=st)
+  # sign+(x) times the RMS of x (one replica, no server error yet).
+  np.testing.assert_allclose(
+      want, np.sqrt(np.mean(x * x)) * np.where(x >= 0, 1.0, -1.0), rtol=1e-6)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, "model")))
+    got, got_local, _ = fn(xs, state=st)
+    assert jax.typeof(got) == jax.typeof(xs)
+    assert jax.typeof(got_local) == jax.typeof(xs)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(got_local), np.asarray(want_local))
+
+
 def test_bad_input(mesh):
   x = jnp.ones(16)
   with pytest.raises(ValueError, match="inside jax.shard_map over the 'data' axis"):

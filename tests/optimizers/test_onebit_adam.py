@@ -197,7 +197,9 @@ FACTORIES = {
     "ef_sign_sgd": (lambda lr, **k: optax.chain(
         error_feedback(gd.scaled_sign("l1")), optax.sgd(lr)), 20000, 3e-2),
 }
-LRS = {"onebit_adam": 0.03, "zero_one_adam": 0.03, "onebit_lamb": 0.01,
+# onebit_lamb: lr 0.05, since LAMB's trust ratio ||x||/||u|| starts at 0 for
+# x0 = 0 and at 0.01 the frozen coefficient leaves Rosenbrock at ~(0.3, 0.3).
+LRS = {"onebit_adam": 0.03, "zero_one_adam": 0.03, "onebit_lamb": 0.05,
        "ef_sign_sgd": 0.002}
 TARGETS = {
     "parabola": (lambda x: jnp.sum((x - jnp.array([1.0, -2.0, 3.0])) ** 2),
@@ -217,16 +219,9 @@ def test_converges(name, target):
   lr = LRS[name]
   if name == "ef_sign_sgd" and target != "rosenbrock":
     lr = 0.01
-  if name in ("onebit_lamb",) and target == "rosenbrock":
-    pytest.skip(reason_lamb_rosenbrock)
   loss, x0, xstar = TARGETS[target]
   x, _ = _scan_run(make(lr), loss, x0, steps)
   np.testing.assert_allclose(x, xstar, atol=tol)
-
-
-reason_lamb_rosenbrock = (
-    "LAMB's trust ratio ||x||/||u|| starts at 0 for x0 = 0 and the "
-    "Rosenbrock valley needs tiny steps; not a meaningful target for LAMB.")
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
