@@ -50,12 +50,26 @@ class SoapState(NamedTuple):
 
 
 def _project(plan, stacks, bases, back: bool):
+  """Rotates each block stack into (or, with ``back``, out of) the eigenbasis.
+
+  Rotating in, entries below the float32 error bound of the rotation,
+  ``u * sum_j n_j * ||X||_F`` per block, are set to zero. They carry no
+  signal (a direction the gradient does not touch comes out as round-off,
+  ~1e-8 of ``||X||``), but Adam divides them by their own root mean square
+  and would turn them into full-size steps in random directions, e.g. for a
+  low-rank gradient or embedding rows absent from a batch.
+  """
   out = []
   for gi, g in enumerate(plan.groups):
-    y = stacks[gi]
+    x = y = stacks[gi]
     for j, n, start in g.factors:
       q = bases[plan.size_index(n)][start:start + g.nblocks].astype(jnp.float32)
       y = _sh.mode_product(y, q, j, transpose=not back)
+    if not back:
+      axes = tuple(range(1, y.ndim))
+      norm = jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
+      tol = jnp.finfo(jnp.float32).eps * sum(n for _, n, _ in g.factors)
+      y = jnp.where(jnp.abs(y) > tol * norm, y, 0.0)
     out.append(y)
   return out
 
@@ -93,7 +107,11 @@ def scale_by_soap(
   by :math:`\mathrm{diag}(Q^\top S Q)` (and :math:`v` permuted the same way),
   then :math:`Q \leftarrow \mathrm{qr}(S Q)`. Parameters without factors get
   plain Adam. Non-finite gradients are skipped (zero update, state kept,
-  ``skipped`` counted).
+  ``skipped`` counted). Entries of :math:`\mathcal{Q}(G)` and
+  :math:`\mathcal{Q}(m)` below the float32 error bound of the rotation
+  (:math:`u\sum_j n_j\,\|X\|_F`) are taken as zero: Adam would otherwise
+  scale that rounding noise up to full-size steps in directions the gradient
+  never had (e.g. for a rank-1 gradient the exact update is rank 1).
 
   Args:
     b1: first-moment decay.
@@ -260,17 +278,18 @@ def scale_by_soap(
     else:
       stats, bases, nu_t = state.stats, state.bases, state.nu
 
-    keep_first = lambda new, old: jnp.where(is_first, old, new.astype(old.dtype))
-    new_mu = [keep_first(m, o) for m, o in zip(new_mu, jax.tree.leaves(state.mu))]
-    new_nud = [keep_first(v, o) if o.size else o
-               for v, o in zip(new_nud, jax.tree.leaves(state.nu_diag))]
-
     def keep(new, old):
       return jnp.where(finite, new, old)
 
-    new_mu = [keep(_sh.restore_sharding(a, s), b) for a, b, s in
+    # The moments keep their value on the first step and on skipped steps;
+    # both selects see the leaf's own sharding.
+    def keep_moment(new, old, sharding):
+      new = _sh.restore_sharding(new.astype(old.dtype), sharding)
+      return keep(jnp.where(is_first, old, new), old)
+
+    new_mu = [keep_moment(a, b, s) for a, b, s in
               zip(new_mu, jax.tree.leaves(state.mu), shardings)]
-    new_nud = [keep(_sh.restore_sharding(a, s), b) if b.size else b
+    new_nud = [keep_moment(a, b, s) if b.size else b
                for a, b, s in zip(new_nud, jax.tree.leaves(state.nu_diag),
                                   shardings)]
     outs = [_sh.restore_sharding(
