@@ -23,12 +23,11 @@ OPTIMIZERS = (
     "apollo:rank=8:update_proj_gap=50",
     "apollo_mini:update_proj_gap=50:vector_mode=apollo",
     "subset_norm_subspace_momentum:rank=8:update_proj_gap=50",
-    "grass:rank=8:update_proj_gap=50",
+    "grass:rank=8:update_proj_gap=50:selection=top_norm",
     "natural_galore:rank=8:update_proj_gap=50",
     # Shampoo (Adam-grafted, roots every 10 steps) and SOAP.
     "shampoo:precondition_every=10",
-    # soap is left out: its eigenbasis refresh can hang on XLA:CPU after other
-    # jitted optimizers ran in the same process (open bug; see colabs/shampoo.ipynb).
+    "soap:precondition_every=10",
     # 1-bit Adam: freeze_step at 15% of the default 200 steps. The runner's
     # plain jitted step gives it one replica (axis_name=None): it reports
     # comm_bytes = 0 until the runner uses gradax.distributed.data_parallel.
@@ -40,7 +39,7 @@ OPTIMIZERS = (
 # warning. One line per optimizer.
 LEARNING_RATES = {
     "adamw": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
-    "microadam": {"char_lm": 3e-2, "digits_mlp": 3e-2},
+    "microadam": {"char_lm": 1e-2, "digits_mlp": 1e-2},
     "frugal": {"char_lm": 3e-3, "digits_mlp": 3e-3},
     "apollo": {"char_lm": 3e-2, "digits_mlp": 1e-1},
     "apollo_mini": {"char_lm": 3e-2, "digits_mlp": 3e-2},
