@@ -14,6 +14,9 @@ controller the per-example gradient statistics of the batch just used::
   updates, opt_state = tx.update(stats.grad, opt_state, params)
   cstate = ctrl.update(cstate, stats)
   next_batch_size = int(cstate.batch_size)
+
+The runner does this with ``--config.batch_size_controller=adadagrad``
+(``adadagrad_eta``, ``max_batch_size``; see ``gradax.experiments.run``).
 """
 
 from typing import Any, Callable, NamedTuple
