@@ -306,6 +306,18 @@ def int_quantize(bits: int = 8, block_size: int = 256,
 def int8(block_size: int = 256, stochastic: bool = False) -> Compressor:
   """int8 absmax block quantization; see :func:`int_quantize`.
 
+  Bytes vs f32: 4 / (1 + 4 / block_size), i.e. 3.94x at the default 256 and
+  3.996x at 4096 (the f32 scale per block is the overhead). The rounding
+  step of a block is max|x_block| / 127, so a larger block raises the error
+  of every small value that shares a block with a large one; the default
+  keeps blocks small for accuracy. Pass ``block_size=4096`` (or larger) when
+  the byte ratio matters more. On one char_lm gradient (compression
+  benchmark) the relative L2 error ||C(g) - g|| / ||g|| is 1.5% at block
+  256, 3.4% at 4096 and 10% with one scale for the whole vector. In the
+  two-phase schedule each chunk of
+  ``ceil(d / n)`` elements has its own blocks, so send one fused vector
+  rather than many small tensors.
+
   Example:
     >>> comp = int8(block_size=256)   # 1 byte per element + 4 per 256
   """
