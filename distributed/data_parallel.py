@@ -84,6 +84,37 @@ def num_elements(tree: Any) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
+def cached_builder(build: Callable[[Any], Any]) -> Callable[[Any], Any]:
+  """Memoises ``build(abstract_params)`` by the params' structure, shapes and
+  dtypes, so a step builder compiles once per model signature.
+
+  Args:
+    build: ``build(params)`` taking a tree of ``jax.ShapeDtypeStruct``.
+
+  Returns:
+    ``get(params)``: ``build``'s result for params of that signature (params
+    may be arrays or shape/dtype structs).
+  """
+  cache = {}
+
+  def get(params):
+    key = jax.tree.structure(params), tuple(
+        (np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(params))
+    if key not in cache:
+      cache[key] = build(jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
+          params))
+    return cache[key]
+
+  return get
+
+
+def one_replica(per_replica: Any) -> Any:
+  """Shape/dtype structs of one replica of a tree with a leading replica axis."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                      per_replica)
+
+
 def ring_allreduce_bytes(nbytes: float, n: int) -> float:
   """Per-device bytes sent by a ring all-reduce of ``nbytes`` over ``n``."""
   return 2.0 * (n - 1) / n * nbytes
@@ -381,7 +412,6 @@ def data_parallel(
       return jax.tree.map(lambda _: None, tree)
     return jax.tree.map(lambda x: sh.shard_dim(np.shape(x), n), tree)
 
-  cache = {}
 
   def build(params):
     """Specs and the jitted step for params of this structure."""
@@ -459,12 +489,7 @@ def data_parallel(
     jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
     return state_specs, jitted
 
-  def get(params):
-    key = jax.tree.structure(params), tuple(
-        (np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(params))
-    if key not in cache:
-      cache[key] = build(jax.eval_shape(lambda p: p, params))
-    return cache[key]
+  get = cached_builder(build)
 
   def init(params):
     state_specs, _ = get(params)

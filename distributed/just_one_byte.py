@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from gradax.distributed.data_parallel import (
-    TrainAlgorithm, num_elements, place_batch)
+    TrainAlgorithm, cached_builder, num_elements, one_replica, place_batch)
 from gradax.distributed import sharding as sh
 
 
@@ -88,7 +88,6 @@ def just_one_byte(
       raise ValueError(f"{name}={v!r}; must be > 0.")
   n = sh.axis_size(mesh, axis_name)
   scale = clip / 127.0
-  cache = {}
 
   def build(params):
     _, unravel = ravel_pytree(
@@ -135,18 +134,10 @@ def just_one_byte(
 
     return specs, jax.jit(step)
 
-  def get(params):
-    key = jax.tree.structure(params), tuple(
-        (np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(params))
-    if key not in cache:
-      cache[key] = build(jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
-          params))
-    return cache[key]
+  get = cached_builder(build)
 
   def one(state):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                        state.params)
+    return one_replica(state.params)
 
   def init(params):
     params = jax.tree.map(jnp.asarray, params)

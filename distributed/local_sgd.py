@@ -32,7 +32,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from gradax.distributed.data_parallel import (
-    TrainAlgorithm, _check_microbatches, as_reducer, init_per_replica,
+    TrainAlgorithm, _check_microbatches, as_reducer, cached_builder,
+    init_per_replica, one_replica as _one_replica,
     local_grad, num_elements, place_batch, reduce_tree)
 from gradax.distributed import sharding as sh
 
@@ -133,7 +134,6 @@ def local_update(
   H = check_period(sync_every)
   n = sh.axis_size(mesh, axis_name)
   microbatches = _check_microbatches(microbatches)  # pylint: disable=protected-access
-  cache = {}
 
   def inner_step(params, inner_state, batch):
     loss, g = local_grad(loss_fn, params, batch, microbatches)
@@ -212,18 +212,10 @@ def local_update(
 
     return state_specs, jax.jit(step), jax.jit(round_)
 
-  def get(params):
-    key = jax.tree.structure(params), tuple(
-        (np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(params))
-    if key not in cache:
-      cache[key] = build(jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
-          params))
-    return cache[key]
+  get = cached_builder(build)
 
   def one_replica(state):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                        state.params)
+    return _one_replica(state.params)
 
   def init(params):
     params = jax.tree.map(jnp.asarray, params)

@@ -19,16 +19,8 @@ def loss(p, batch):
 
 
 @pytest.fixture(scope="module")
-def setup():
-  rng = np.random.default_rng(1)
-  params = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(8,)), jnp.float32)}
-  wstar = rng.normal(size=(16, 8)).astype(np.float32)
-  batches = []
-  for _ in range(4):
-    x = rng.normal(size=(32, 16)).astype(np.float32)
-    batches.append({"x": x, "y": x @ wstar})
-  return gd.make_mesh("data=8"), params, batches
+def setup(linear_problem):
+  return linear_problem(1, 16, 8, num_batches=4, batch_size=32)
 
 
 def shard(batch, i):
@@ -69,13 +61,19 @@ def test_demo_with_every_coefficient_is_signum_of_mean_local_momentum(setup):
              jax.tree.leaves(s.opt_state.delta)) < 1e-6
 
 
-def test_demo_top1_scatter_mean_and_error_feedback_match_numpy():
+def bf16_round(x):
+  return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("value_dtype", ["f32", "bf16"])
+def test_demo_top1_scatter_mean_and_error_feedback_match_numpy(value_dtype):
   mesh = gd.make_mesh("data=8")
   rng = np.random.default_rng(3)
   g = rng.normal(size=(N, 8)).astype(np.float32)
   lr = 0.1
   tx = scale_by_demo(lr, compression_decay=0.5, topk=1, chunk=8,
-                     axis_name="data")
+                     axis_name="data", value_dtype=value_dtype)
+  wire = bf16_round if value_dtype == "bf16" else (lambda x: x)
 
   def per_replica(gi):
     p = {"v": jnp.zeros((8,))}
@@ -93,27 +91,44 @@ def test_demo_top1_scatter_mean_and_error_feedback_match_numpy():
   top = np.argmax(np.abs(coef), axis=1)
   sums, counts = np.zeros(8), np.zeros(8)
   for i in range(N):
-    sums[top[i]] += coef[i, top[i]]
+    sums[top[i]] += wire(coef[i, top[i]])
     counts[top[i]] += 1
   mean = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
   expect_u = -lr * np.sign(D.T @ mean)
   for i in range(N):
     np.testing.assert_allclose(np.asarray(u[i]), expect_u, atol=1e-6)
     sent = np.zeros(8)
-    sent[top[i]] = coef[i, top[i]]
+    sent[top[i]] = wire(coef[i, top[i]])
     np.testing.assert_allclose(np.asarray(delta[i]), lr * g[i] - D.T @ sent,
                                atol=1e-6)
 
 
-def test_demo_bytes_are_an_all_gather_of_values_and_int16_indices(setup):
+def test_demo_bytes_are_an_all_gather_of_values_and_uint8_indices(setup):
   mesh, params, batches = setup
   alg = demo(loss, 0.01, mesh, topk=4, chunk=8)
   s = alg.init(params)
   cb = comm_bytes(alg.step.jitted(s), s, place_batch(batches[0], mesh))
   gathers = [c for c in cb.requested if c.op.startswith("all_gather")]
-  # w: 2 chunks x 4 coefficients, b: 1 chunk x 4; f32 values + int16 indices.
-  assert sum(c.operand_bytes for c in gathers) == (2 * 4 + 4) * (4 + 2)
+  # w: 2 chunks x 4 coefficients, b: 1 chunk x 4; f32 values + uint8
+  # indices (a chunk has 64 coefficients).
+  assert sum(c.operand_bytes for c in gathers) == (2 * 4 + 4) * (4 + 1)
   assert sum(c.wire_bytes for c in gathers) == alg.bytes_per_step(params)
+
+
+def test_demo_bf16_values_and_proportional_k_bytes(setup):
+  mesh, params, batches = setup
+  alg = demo(loss, 0.01, mesh, topk=4, chunk=8, value_dtype="bf16",
+             proportional_k=True)
+  s = alg.init(params)
+  cb = comm_bytes(alg.step.jitted(s), s, place_batch(batches[0], mesh))
+  gathers = [c for c in cb.requested if c.op.startswith("all_gather")]
+  assert {c.dtype for c in gathers} == {"uint16", "uint8"}
+  # w: 2 full 8x8 chunks x 4; b: one chunk of 8 coefficients keeps
+  # ceil(4 * 8 / 64) = 1. Each value 2 bytes (bf16 bits), each index 1.
+  assert sum(c.operand_bytes for c in gathers) == (2 * 4 + 1) * (2 + 1)
+  assert sum(c.wire_bytes for c in gathers) == alg.bytes_per_step(params)
+  s, _ = alg.step(s, batches[0])
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s))
 
 
 def test_just_one_byte_replicas_stay_bit_identical_and_send_one_byte(setup):
@@ -139,5 +154,7 @@ def test_bad_hyperparameters_are_rejected(setup):
   mesh, _, _ = setup
   with pytest.raises(ValueError, match="compression_decay"):
     scale_by_demo(0.1, compression_decay=1.0)
+  with pytest.raises(ValueError, match="value_dtype"):
+    scale_by_demo(0.1, value_dtype="fp8")
   with pytest.raises(ValueError, match="eps"):
     just_one_byte(loss, 0.1, mesh, eps=0.0)

@@ -27,17 +27,8 @@ def loss(p, batch):
 
 
 @pytest.fixture(scope="module")
-def setup():
-  rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
-  wstar = rng.normal(size=(6, 3)).astype(np.float32)
-  batches = []
-  for _ in range(8):
-    x = rng.normal(size=(16, 6)).astype(np.float32)
-    batches.append({"x": x, "y": x @ wstar + 0.1 * rng.normal(
-        size=(16, 3)).astype(np.float32)})
-  return gd.make_mesh("data=8"), params, batches
+def setup(linear_problem):
+  return linear_problem(0, 6, 3, num_batches=8, batch_size=16, noise=0.1)
 
 
 def shard(batch, i):
