@@ -25,8 +25,13 @@ from gradax.federated.masked import masked_fedavg, masked_mean
 from gradax.federated.decentralized import (DecentralizedState, dfedavg,
                                             dfedsam, decentralized,
                                             mixing_matrix)
-from gradax.federated.asynchronous import fedbuff, tiered_speeds, SpeedModel
-from gradax.federated.fedhyper import fedhyper, scale_by_hypergradient
+from gradax.federated.asynchronous import (fedbuff, tiered_speeds, SpeedModel,
+                                           staleness_weight)
+from gradax.federated.favano import favano
+from gradax.federated.fedast import AstTask, fedast
+from gradax.federated.fedcompass import fedcompass
+from gradax.federated.fedhyper import (client_hypergradient_sgd, fedhyper,
+                                       scale_by_hypergradient)
 from gradax.federated.fedspeed import fedspeed
 from gradax.federated.fedamd import fedamd
 from gradax.federated import participation

@@ -33,9 +33,19 @@ class SpeedModel(NamedTuple):
   shift: jax.Array   # [N]
   scale: jax.Array   # [N]
 
+  @property
+  def num_clients(self) -> int:
+    return int(self.shift.shape[0])
+
   def sample(self, key, ids):
     e = jax.random.exponential(key, ids.shape)
     return self.shift[ids] + self.scale[ids] * e
+
+  def sample_host(self, rng: np.random.Generator, ids) -> np.ndarray:
+    """The same law drawn with numpy, for the host-side event loops."""
+    ids = np.asarray(ids)
+    return (np.asarray(self.shift)[ids] +
+            np.asarray(self.scale)[ids] * rng.exponential(size=ids.shape))
 
 
 def tiered_speeds(num_clients: int, fractions=(0.25, 0.5, 0.25),
@@ -54,6 +64,53 @@ def tiered_speeds(num_clients: int, fractions=(0.25, 0.5, 0.25),
   tier = rng.choice(len(fr), size=int(num_clients), p=fr)
   m = np.asarray(means, np.float32)[tier]
   return SpeedModel(jnp.asarray(m / 2), jnp.asarray(m / 2))
+
+
+def staleness_weight(tau, exponent: float):
+  """s(τ) = (1 + τ)^(−a): the polynomial staleness discount of FedAsync/FedBuff.
+
+  τ is how many server versions passed between a job's dispatch and its
+  arrival; a = 0 switches the discount off. Works on numpy and jax inputs.
+  """
+  return (1.0 + tau) ** (-float(exponent))
+
+
+def check_staleness_exponent(exponent):
+  if not float(exponent) >= 0:
+    raise ValueError(f"staleness_exponent must be >= 0, got {exponent}.")
+  return float(exponent)
+
+
+def client_delta_fn(loss_fn, client_tx: optax.GradientTransformation,
+                    local: core.LocalConfig, max_steps: int | None = None):
+  """``delta(params, data, cid, key, work) -> y − params`` for one client.
+
+  The client's local job (``core.local_train`` from ``params`` on its own
+  examples, ``work`` in ``local.unit``); ``max_steps`` fixes the scan length
+  so that ``work`` can vary without recompiling. Jittable and vmappable.
+  """
+  def delta(params, data: core.ClientData, cid, key, work):
+    ex = jax.tree.map(lambda a: a[cid], data.examples)
+    out = core.local_train(loss_fn, client_tx, params, ex,
+                           data.num_examples[cid], work, key, local,
+                           max_steps=max_steps)
+    return core.tree_sub(out.params, params)
+  return delta
+
+
+def check_data_matches(data: core.ClientData, num_clients: int):
+  if data.num_examples.shape[0] != num_clients:
+    raise ValueError(f"the data holds {data.num_examples.shape[0]} clients "
+                     f"but the speed model covers {num_clients}; they must "
+                     "match.")
+
+
+def host_streams(data: core.ClientData, num_clients: int, seed: int):
+  """Checks the data against the speed model; returns the seeded numpy
+  generator (clock, selection) and JAX key (local training) of a host-side
+  event loop."""
+  check_data_matches(data, num_clients)
+  return np.random.default_rng(seed), jax.random.key(seed)
 
 
 class AsyncState(NamedTuple):
@@ -106,21 +163,15 @@ def fedbuff(loss_fn, client_tx: optax.GradientTransformation,
     raise ValueError(f"buffer_size must be >= 1, got {buffer_size}.")
   if not float(server_lr) > 0:
     raise ValueError(f"server_lr must be > 0, got {server_lr}.")
-  if not float(staleness_exponent) >= 0:
-    raise ValueError(f"staleness_exponent must be >= 0, got "
-                     f"{staleness_exponent}.")
+  check_staleness_exponent(staleness_exponent)
   work = int(local.max_work if local_work is None else local_work)
+  job = client_delta_fn(loss_fn, client_tx, local)
 
   def delta_of(params, data, cid, key):
-    ex = jax.tree.map(lambda a: a[cid], data.examples)
-    out = core.local_train(loss_fn, client_tx, params, ex,
-                           data.num_examples[cid], work, key, local)
-    return core.tree_sub(out.params, params)
+    return job(params, data, cid, key, work)
 
   def _check(data):
-    if data.num_examples.shape[0] != n:
-      raise ValueError(f"the data holds {data.num_examples.shape[0]} clients "
-                       f"but the speed model covers {n}; they must match.")
+    check_data_matches(data, n)
 
   def init(params, data: core.ClientData, seed: int = 0):
     _check(data)
@@ -139,7 +190,7 @@ def fedbuff(loss_fn, client_tx: optax.GradientTransformation,
     slot = jnp.argmin(state.slot_finish)
     clock = state.slot_finish[slot]
     tau = state.version - state.slot_version[slot]
-    s = (1.0 + tau.astype(jnp.float32)) ** (-staleness_exponent)
+    s = staleness_weight(tau.astype(jnp.float32), staleness_exponent)
     d = jax.tree.map(lambda a: a[slot], state.slot_delta)
     buf = jax.tree.map(lambda b, x: b + s * x, state.buffer, d)
     cnt = state.buffer_count + 1

@@ -167,7 +167,8 @@ def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
                 params: PyTree, examples_k: dict, n_k, work_k, key,
                 cfg: LocalConfig, grad_hook: GradHook | None = None,
                 ctx: dict | None = None, max_steps: int | None = None,
-                grad_fn: Callable | None = None) -> ClientOutput:
+                grad_fn: Callable | None = None,
+                tx_init: Callable | None = None) -> ClientOutput:
   """Runs one client's local optimizer from ``params`` (the global model).
 
   At step s (active while s < budget), with minibatch ξ_s from the client's
@@ -190,6 +191,9 @@ def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
     max_steps: static scan length (default ``cfg.max_steps(M)``).
     grad_fn: optional ``grad_fn(params, batch, ctx) -> (loss, grads)``
       replacing ``value_and_grad(loss_fn)`` (e.g. SAM, masked sub-models).
+    tx_init: optional ``tx_init(params, ctx) -> opt_state`` replacing
+      ``tx.init(params)``, for local optimizers whose state starts from
+      server information (e.g. FedHyper-CL's last global update).
 
   Returns:
     ``ClientOutput(params=y, num_steps, mean_loss)``.
@@ -204,7 +208,7 @@ def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
   ctx["anchor"] = params
   batch_at = make_batcher(cfg, examples_k, n_k, key)
 
-  opt_state = tx.init(params)
+  opt_state = tx.init(params) if tx_init is None else tx_init(params, ctx)
   if grad_fn is None:
     vg = jax.value_and_grad(loss_fn)
     grad_fn = lambda p, b, c: vg(p, b)  # noqa: E731
@@ -372,6 +376,7 @@ def local_update_algorithm(loss_fn: LossFn,
                            ctx_fn: Callable | None = None,
                            client_ctx_fn: Callable | None = None,
                            grad_fn: Callable | None = None,
+                           client_tx_init: Callable | None = None,
                            capacity: int | None = None, mesh=None,
                            axis_name: str = "clients") -> FederatedAlgorithm:
   """The FedAvg family: local optimizer on clients, aggregator + server optax.
@@ -394,6 +399,8 @@ def local_update_algorithm(loss_fn: LossFn,
     client_ctx_fn: optional ``client_ctx_fn(state, ids) -> dict`` of
       per-client context (leading axis over the client slots ``ids``).
     grad_fn: optional ``grad_fn(params, batch, ctx) -> (loss, grads)``.
+    client_tx_init: optional ``init(params, ctx) -> opt_state`` of the local
+      optimizer (see ``local_train``'s ``tx_init``).
     capacity: static number of client slots per round (default N). Rounds
       with more participants drop the surplus (counted in ``overflow``).
     mesh: optional mesh with a ``clients`` axis to shard the client work.
@@ -419,7 +426,8 @@ def local_update_algorithm(loss_fn: LossFn,
   def one_client(params, examples_k, n_k, work_k, key_k, ctx, cctx):
     ctx = dict(ctx, **cctx)
     out = local_train(loss_fn, client_tx, params, examples_k, n_k, work_k,
-                      key_k, local, grad_hook, ctx, grad_fn=grad_fn)
+                      key_k, local, grad_hook, ctx, grad_fn=grad_fn,
+                      tx_init=client_tx_init)
     return tree_sub(out.params, params), out.num_steps, out.mean_loss
 
   def client_update(state, examples_k, n_k, work_k, key_k, client_id=0):
