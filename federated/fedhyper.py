@@ -18,7 +18,10 @@ hypergradient is ⟨Δ_{t−1}, Δ_t⟩ (Δ_0 = 0) and agg_t = agg_{t−1} + ⟨
 
 These follow the reference code ``ATP-1010/FedHyper`` (``federated_main.py``
 for G and SL, ``update.py`` for CL), whose client optimizer is SGD with
-momentum 0.5; here the client runs plain SGD at the scheduled rate.
+momentum 0.5; here the client runs plain SGD at the scheduled rate. (In the
+reference's SL branch the scheduled rates are overwritten by the base rate at
+the start of every round, so they never take effect; gradax applies them, as
+the paper describes.)
 
 FedHyper: A Universal and Robust Learning Rate Scheduler for Federated
 Learning with Hypergradient Descent, Wang, Wang, Li, ICLR 2024
