@@ -44,8 +44,10 @@ DEMO_WIRE = {"topk": 16, "chunk": 64, "value_dtype": "bf16",
              "proportional_k": True}
 # char_lm, 400 steps x 64 examples, constant lr; sweeps (final eval loss,
 # data-parallel AdamW lr 3e-3: 1.7225):
-#   DiLoCo (H, inner lr): (20, 3e-3) 2.032, (10, 1e-3) 2.107, (10, 5e-4) 2.191
-#   DeMo lr (top-32, f32 values):  3e-3 1.834
+#   DiLoCo (H, inner lr): (20, 3e-3) 2.032, (10, 1e-3) 2.107, (10, 5e-4) 2.191,
+#     (10, 6e-3) 2.175, (20, 1e-2) 2.220
+#   DeMo lr, top-32 f32 values (the reference wire): 3e-3 1.834
+#   DeMo lr, DEMO_WIRE (top-16 bf16): 1e-3 2.113, 2e-3 1.964
 DILOCO_LOSS = {"sync_every": 20, "learning_rate": 3e-3}
 DEMO_LOSS = {"learning_rate": 3e-3}
 
