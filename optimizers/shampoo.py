@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import string
 from typing import Any, NamedTuple
 
@@ -707,28 +708,9 @@ def scale_by_shampoo(
 
 def shampoo(
     learning_rate: optax.ScalarOrSchedule,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
     weight_decay: float = 0.0,
     mask: Any = None,
-    diagonal_epsilon: float = 1e-8,
-    matrix_epsilon: float = 1e-6,
-    block_size: int | None = None,
-    merge_small_dims_block_size: int | None = None,
-    skip_preconditioning_dim_size_gt: int | None = None,
-    precondition_every: int = 10,
-    statistics_every: int = 1,
-    start_preconditioning_step: int = 10,
-    graft_type: str = "adam",
-    graft_beta2: float = 0.999,
-    nesterov: bool = False,
-    exponent_override: int | None = None,
-    root_method: str = "newton",
-    relative_matrix_epsilon: bool = True,
-    failure_threshold: float = 0.1,
-    statistics_dtype: Any = None,
-    mu_dtype: Any = None,
-    axis_name: str | None = None,
+    **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo with decoupled weight decay, scaled by the learning rate.
 
@@ -739,28 +721,11 @@ def shampoo(
 
   Args:
     learning_rate: a scalar or an optax schedule.
-    beta1: momentum decay.
-    beta2: statistics EMA decay (1.0 for a plain sum).
     weight_decay: decoupled weight decay λ (>= 0).
     mask: optional pytree / callable choosing the leaves that decay.
-    diagonal_epsilon: see ``scale_by_shampoo``.
-    matrix_epsilon: see ``scale_by_shampoo``.
-    block_size: see ``scale_by_shampoo``.
-    merge_small_dims_block_size: see ``scale_by_shampoo``.
-    skip_preconditioning_dim_size_gt: see ``scale_by_shampoo``.
-    precondition_every: see ``scale_by_shampoo``.
-    statistics_every: see ``scale_by_shampoo``.
-    start_preconditioning_step: see ``scale_by_shampoo``.
-    graft_type: see ``scale_by_shampoo``.
-    graft_beta2: see ``scale_by_shampoo``.
-    nesterov: see ``scale_by_shampoo``.
-    exponent_override: see ``scale_by_shampoo``.
-    root_method: see ``scale_by_shampoo``.
-    relative_matrix_epsilon: see ``scale_by_shampoo``.
-    failure_threshold: see ``scale_by_shampoo``.
-    statistics_dtype: see ``scale_by_shampoo``.
-    mu_dtype: see ``scale_by_shampoo``.
-    axis_name: see ``scale_by_shampoo``.
+    **kwargs: any argument of ``scale_by_shampoo`` (``beta1``, ``beta2``,
+      ``block_size``, ``precondition_every``, ``graft_type``, ...), with its
+      defaults; keyword-only.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -772,23 +737,31 @@ def shampoo(
   """
   _tree.check_range("weight_decay", weight_decay, 0.0)
   _tree.check_range("learning_rate", learning_rate, 0.0)
-  txs = [scale_by_shampoo(
-      beta1=beta1, beta2=beta2, diagonal_epsilon=diagonal_epsilon,
-      matrix_epsilon=matrix_epsilon, block_size=block_size,
-      merge_small_dims_block_size=merge_small_dims_block_size,
-      skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
-      precondition_every=precondition_every,
-      statistics_every=statistics_every,
-      start_preconditioning_step=start_preconditioning_step,
-      graft_type=graft_type, graft_beta2=graft_beta2, nesterov=nesterov,
-      exponent_override=exponent_override, root_method=root_method,
-      relative_matrix_epsilon=relative_matrix_epsilon,
-      failure_threshold=failure_threshold, statistics_dtype=statistics_dtype,
-      mu_dtype=mu_dtype, axis_name=axis_name)]
+  txs = [scale_by_shampoo(**kwargs)]
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0.0):
     txs.append(optax.add_decayed_weights(weight_decay, mask))
   txs.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*txs)
+
+
+def alias_signature(alias, scale_fn) -> inspect.Signature:
+  """``alias``'s own parameters, then ``scale_fn``'s as keyword-only ones.
+
+  The ``<name>(learning_rate, weight_decay, mask, **kwargs)`` aliases forward
+  their keywords to ``scale_by_<name>``; setting this as their
+  ``__signature__`` lists every hyperparameter with its default, which is
+  what ``optax.inject_hyperparams`` and the runner read.
+  """
+  own = [p for p in inspect.signature(alias).parameters.values()
+         if p.kind is not p.VAR_KEYWORD]
+  rest = [p.replace(kind=p.KEYWORD_ONLY)
+          for p in inspect.signature(scale_fn).parameters.values()]
+  return inspect.Signature(own + rest,
+                           return_annotation=inspect.signature(
+                               alias).return_annotation)
+
+
+shampoo.__signature__ = alias_signature(shampoo, scale_by_shampoo)
 
 
 def state_nbytes(state: Any) -> int:

@@ -311,18 +311,9 @@ def scale_by_soap(
 
 def soap(
     learning_rate: optax.ScalarOrSchedule = 3e-3,
-    b1: float = 0.95,
-    b2: float = 0.95,
-    shampoo_beta: float | None = None,
-    eps: float = 1e-8,
     weight_decay: float = 0.0,
     mask: Any = None,
-    precondition_every: int = 10,
-    block_size: int | None = None,
-    merge_small_dims_block_size: int | None = None,
-    skip_preconditioning_dim_size_gt: int | None = None,
-    statistics_dtype: Any = None,
-    mu_dtype: Any = None,
+    **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP with decoupled weight decay, scaled by the learning rate.
 
@@ -332,18 +323,11 @@ def soap(
 
   Args:
     learning_rate: a scalar or an optax schedule (reference default 3e-3).
-    b1: first-moment decay.
-    b2: second-moment decay.
-    shampoo_beta: statistics decay (None: ``b2``).
-    eps: Adam epsilon.
     weight_decay: decoupled weight decay λ (>= 0).
     mask: optional pytree / callable choosing the leaves that decay.
-    precondition_every: steps between basis refreshes.
-    block_size: see ``scale_by_soap``.
-    merge_small_dims_block_size: see ``scale_by_soap``.
-    skip_preconditioning_dim_size_gt: see ``scale_by_soap``.
-    statistics_dtype: see ``scale_by_soap``.
-    mu_dtype: see ``scale_by_soap``.
+    **kwargs: any argument of ``scale_by_soap`` (``b1``, ``b2``,
+      ``shampoo_beta``, ``eps``, ``precondition_every``, ``block_size``, ...),
+      with its defaults; keyword-only.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -355,14 +339,11 @@ def soap(
   """
   _tree.check_range("weight_decay", weight_decay, 0.0)
   _tree.check_range("learning_rate", learning_rate, 0.0)
-  txs = [scale_by_soap(
-      b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
-      precondition_every=precondition_every, block_size=block_size,
-      merge_small_dims_block_size=merge_small_dims_block_size,
-      skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
-      statistics_dtype=statistics_dtype, mu_dtype=mu_dtype)]
+  txs = [scale_by_soap(**kwargs)]
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0.0):
     txs.append(optax.add_decayed_weights(weight_decay, mask))
   txs.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*txs)
 
+
+soap.__signature__ = _sh.alias_signature(soap, scale_by_soap)
