@@ -394,10 +394,10 @@ def scale_by_shampoo(
     skip_preconditioning_dim_size_gt: int | None = None,
     precondition_every: int = 10,
     statistics_every: int = 1,
-    start_preconditioning_step: int = 10,
+    start_preconditioning_step: int = 5,
     graft_type: str = "adam",
     graft_beta2: float = 0.999,
-    nesterov: bool = False,
+    nesterov: bool = True,
     exponent_override: int | None = None,
     root_method: str = "newton",
     relative_matrix_epsilon: bool = True,
@@ -456,10 +456,12 @@ def scale_by_shampoo(
       (None means 4096).
     precondition_every: steps between root recomputations.
     statistics_every: steps between statistics updates.
-    start_preconditioning_step: the first step that uses Shampoo.
+    start_preconditioning_step: the first step that uses Shampoo (5 and
+      ``nesterov=True`` are the defaults of google-research/precondition's
+      ``distributed_shampoo``).
     graft_type: one of ``none, sgd, adagrad, rmsprop, adam``.
     graft_beta2: second-moment decay of rmsprop/adam grafting.
-    nesterov: use Nesterov momentum.
+    nesterov: use Nesterov momentum (default True, as in precondition).
     exponent_override: root order p for every factor (default 2k).
     root_method: ``"eigh"`` or ``"newton"`` (coupled Newton).
     relative_matrix_epsilon: scale the ridge by :math:`\lambda_{\max}`.

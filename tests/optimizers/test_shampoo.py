@@ -140,6 +140,21 @@ def test_matches_dense_reference_sum_statistics_newton():
   _assert_close_seq(ours, ref, 2e-3)
 
 
+def test_nesterov_momentum_is_nadam_form():
+  # Before Shampoo starts, graft "sgd" passes g through; the Nesterov output
+  # is NAdam's (Dozat 2016; optax scale_by_adam(nesterov=True)):
+  # m_t = b m + (1-b) g, o = b m_t / (1 - b^(t+1)) + (1-b) g / (1 - b^t).
+  grads = _grads((3, 4), 4, seed=7)
+  tx = sh.scale_by_shampoo(beta1=0.8, graft_type="sgd",
+                           start_preconditioning_step=100)
+  ours, _ = _run_gradax(tx, grads, (3, 4))
+  m = np.zeros((3, 4))
+  for t, g in enumerate(grads, start=1):
+    m = 0.8 * m + 0.2 * g
+    ref = 0.8 * m / (1 - 0.8 ** (t + 1)) + 0.2 * g / (1 - 0.8 ** t)
+    np.testing.assert_allclose(ours[t - 1], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_blocked_matches_per_block_reference_with_graft_and_momentum():
   # 10 x 12 with block 4: rows padded to 12, 3 x 3 blocks, last row block
   # holds 2 real rows. Each block is an independent dense Shampoo; the graft
@@ -150,7 +165,7 @@ def test_blocked_matches_per_block_reference_with_graft_and_momentum():
   tx = sh.scale_by_shampoo(beta1=0.8, beta2=0.9, matrix_epsilon=1e-3,
                            graft_type="adam", graft_beta2=0.99,
                            start_preconditioning_step=2, precondition_every=2,
-                           block_size=bs)
+                           block_size=bs, nesterov=False)
   ours, state = _run_gradax(tx, grads, shape)
   blocks = {}
   for r in range(0, 10, bs):
