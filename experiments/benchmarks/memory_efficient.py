@@ -42,14 +42,17 @@ TITLE = "Memory-efficient optimizers vs AdamW: state bytes, eval loss, step time
 # {norm_sampling, top_norm} -> 3e-2, rank 8, gap 50, top_norm; Natural GaLore
 # over {3e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1} x rank {8, 10} x gap {10, 50}
 # -> 3e-2, rank 8, gap 50 (rank <= 10: digits' last layer is 128x10).
+# char_lm (300 steps, batch 32): APOLLO {1e-2, 3e-2} x rank {8, 16} -> 3e-2,
+# rank 8; APOLLO-Mini {3e-3, 1e-2, 2e-2, 3e-2} -> 1e-2; Grass (top_norm)
+# {5e-3, 1e-2, 3e-2} -> 1e-2; Natural GaLore {5e-3, 1e-2, 3e-2} -> 1e-2.
 LR = {
     "adamw": {"char_lm": 3e-3, "digits_mlp": 3e-3},
     "microadam": {"char_lm": 1e-2, "digits_mlp": 1e-2},
     "frugal": {"char_lm": 3e-3, "digits_mlp": 3e-3},
     "apollo": {"char_lm": 3e-2, "digits_mlp": 1e-1},
-    "apollo_mini": {"char_lm": 3e-2, "digits_mlp": 3e-2},
+    "apollo_mini": {"char_lm": 1e-2, "digits_mlp": 3e-2},
     "sn_sm": {"char_lm": 3e-2, "digits_mlp": 1e-1},
-    "grass": {"char_lm": 3e-2, "digits_mlp": 3e-2},
+    "grass": {"char_lm": 1e-2, "digits_mlp": 3e-2},
     "natural_galore": {"char_lm": 1e-2, "digits_mlp": 3e-2},
 }
 
