@@ -46,8 +46,8 @@ LEARNING_RATES = {
     "subset_norm_subspace_momentum": {"char_lm": 3e-2, "digits_mlp": 1e-1},
     "grass": {"char_lm": 1e-2, "digits_mlp": 3e-2},
     "natural_galore": {"char_lm": 1e-2, "digits_mlp": 3e-2},
-    "shampoo": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
-    "soap": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
+    "shampoo": {"char_lm": 1e-2, "digits_mlp": 1e-2, "quadratic": 0.1, "rosenbrock": 0.02},
+    "soap": {"char_lm": 3e-3, "digits_mlp": 1e-2, "quadratic": 0.1, "rosenbrock": 0.02},
     "onebit_adam": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
 }
 
