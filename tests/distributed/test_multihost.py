@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 
 def scenario():
@@ -97,7 +96,12 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def run_two_processes(test_file, tmp_path, timeout=150):
+  """Runs ``scenario()`` of ``test_file`` in 2 processes x 2 CPU devices.
+
+  Returns the flattened host arrays process 0 saved (``"key/name"`` keys);
+  fails the test with the tail of a worker's log if either process fails.
+  """
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
   out = tmp_path / "out.npz"
@@ -105,20 +109,26 @@ def test_two_processes_match_one_process(tmp_path):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen(
-      [sys.executable, str(script), str(port), str(i), __file__, str(out)],
+      [sys.executable, str(script), str(port), str(i), str(test_file),
+       str(out)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   logs = []
   try:
     for p in procs:
-      logs.append(p.communicate(timeout=150)[0])
+      logs.append(p.communicate(timeout=timeout)[0])
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
-  got = dict(np.load(out))
+  return dict(np.load(out))
+
+
+def test_two_processes_match_one_process(tmp_path):
+  got = run_two_processes(__file__, tmp_path)
   want = scenario()
   for k, v in want.items():
     for name, a in (v.items() if isinstance(v, dict) else [("x", v)]):

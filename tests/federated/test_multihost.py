@@ -5,8 +5,6 @@ test_core checks against the plain vmapped round)."""
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 
@@ -53,41 +51,18 @@ def scenario():
   return out
 
 
-def _launcher():
-  """The 2-process worker script and free-port helper of the distributed
-  package's multi-host test (one launcher for the whole suite)."""
+def _run_two_processes():
+  """The distributed package's 2-process launcher (one for the whole suite)."""
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)),
                       "distributed", "test_multihost.py")
   spec = importlib.util.spec_from_file_location("_dist_multihost", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.WORKER, mod.free_port
+  return mod.run_two_processes
 
 
 def test_two_processes_match_one_process(tmp_path):
-  worker, free_port = _launcher()
-  script = tmp_path / "worker.py"
-  script.write_text(worker)
-  out = tmp_path / "out.npz"
-  port = free_port()
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen(
-      [sys.executable, str(script), str(port), str(i), __file__, str(out)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=150)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  got = np.load(out)
+  got = _run_two_processes()(__file__, tmp_path)
   one = scenario()                    # this process: 1 x 4 of its 8 devices
   for alg in ("fedavg", "fedau"):
     for leaf in ("w", "b"):
