@@ -206,7 +206,7 @@ def local_train(loss_fn: LossFn, tx: optax.GradientTransformation,
   budget = _steps_for(cfg, n_k, work_k)
   ctx = dict(ctx or {})
   ctx["anchor"] = params
-  batch_at = make_batcher(cfg, examples_k, n_k, key)
+  batch_at = make_batcher(cfg, examples_k, n_k, key, num_steps=max_steps)
 
   opt_state = tx.init(params) if tx_init is None else tx_init(params, ctx)
   if grad_fn is None:
@@ -510,13 +510,20 @@ def sam_grad_fn(loss_fn: LossFn, rho: float) -> Callable:
   return grad_fn
 
 
-def make_batcher(cfg: LocalConfig, examples_k: dict, n_k, key) -> Callable:
+def make_batcher(cfg: LocalConfig, examples_k: dict, n_k, key,
+                 num_steps: int | None = None) -> Callable:
   """``batch_at(s) -> batch``: the s-th local minibatch of one client.
 
   ``"steps"``: B indices uniform with replacement over the n_k real examples,
   drawn with ``fold_in(key, s)``. ``"epochs"``: epoch e uses a fresh shuffle
   (key ``split(key, max_work)[e]``), ``ceil(n_k/B)`` minibatches per epoch,
   the last one partial (its padding has ``mask`` 0).
+
+  ``num_steps`` (static, optional): the caller only asks for
+  ``0 <= s < num_steps``. With ``"steps"`` the indices of all those steps are
+  then drawn up front in one batched draw (the same numbers as drawing them
+  step by step), which keeps the PRNG's small per-step loops out of the
+  caller's scan (on CPU they cost about as much as a small model's step).
   """
   examples_k = jax.tree.map(jnp.asarray, examples_k)
   m = jax.tree.leaves(examples_k)[0].shape[0]
@@ -543,9 +550,17 @@ def make_batcher(cfg: LocalConfig, examples_k: dict, n_k, key) -> Callable:
       mask = (pos < n_k).astype(jnp.float32)
       return idx, mask
   else:
-    def batch_at(s):
-      idx = jax.random.randint(jax.random.fold_in(key, s), (bsz,), 0, safe_n)
-      return idx, jnp.ones((bsz,), jnp.float32)
+    def draw(s):
+      return jax.random.randint(jax.random.fold_in(key, s), (bsz,), 0, safe_n)
+
+    if num_steps is None:
+      def batch_at(s):
+        return draw(s), jnp.ones((bsz,), jnp.float32)
+    else:
+      table = jax.vmap(draw)(jnp.arange(num_steps, dtype=jnp.int32))
+
+      def batch_at(s):
+        return table[s], jnp.ones((bsz,), jnp.float32)
 
   def batch_at_full(s):
     idx, mask = batch_at(s)

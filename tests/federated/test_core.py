@@ -8,6 +8,7 @@ import pytest
 
 from gradax import federated as fl
 from gradax.distributed import make_mesh
+from gradax.federated import core
 
 
 def _lsq_loss(params, batch):
@@ -51,6 +52,26 @@ def test_local_train_matches_plain_sgd(lsq_data):
   ref = _ref_local_steps(np.ones(3), x, y, 12, key, 4, 4, 0.1, mu=0.5)
   np.testing.assert_allclose(out.params["w"], ref, rtol=1e-5, atol=1e-6)
   assert int(out.num_steps) == 4      # 4 of the 6 scan steps are active
+
+
+def test_batcher_drawn_up_front_equals_step_by_step(lsq_data):
+  # local_train asks make_batcher for the whole scan's indices in one draw;
+  # they must be the documented per-step fold_in(key, s) draws, bit for bit.
+  cfg = fl.LocalConfig(4, "steps", 5)
+  ex = {k: v[1] for k, v in lsq_data.examples.items()}    # n_k = 5 of 12
+  key = jax.random.key(7)
+
+  def batches(num_steps):
+    at = core.make_batcher(cfg, ex, 5, key, num_steps=num_steps)
+    return jax.lax.map(at, jnp.arange(5, dtype=jnp.int32))
+
+  ahead, stepwise = jax.jit(lambda: (batches(5), batches(None)))()
+  for k in ("x", "y", "mask"):
+    np.testing.assert_array_equal(ahead[k], stepwise[k])
+  idx = np.stack([np.asarray(jax.random.randint(jax.random.fold_in(key, s),
+                                                (4,), 0, 5))
+                  for s in range(5)])
+  np.testing.assert_array_equal(ahead["x"], np.asarray(ex["x"])[idx])
 
 
 def test_epoch_mode_visits_every_example_once_per_epoch():
