@@ -40,6 +40,41 @@ class RootResult(NamedTuple):
   ok: jax.Array
 
 
+def one_matrix_per_call_on_cpu(fn, *xs):
+  """``fn(*xs)`` for a LAPACK-backed ``jnp.linalg`` op over a stack of matrices.
+
+  On CPU the stack goes through ``lax.map``, one matrix per kernel call; on
+  other backends ``fn`` gets the whole stack. Why: jaxlib's CPU LAPACK kernels
+  (``syevd``, ``geqrf``, ...) split a batch into tasks on the same intra-op
+  thread pool that runs the devices' programs and then block on them. With
+  several (fake) CPU devices running the same batched op at once, every pool
+  thread can end up waiting for tasks that no thread is free to run: a
+  deadlock (seen with SOAP on 8 CPU devices). A single matrix per call runs
+  inline.
+
+  Args:
+    fn: e.g. ``jnp.linalg.eigh``; maps ``(..., m, n)`` arrays to a pytree of
+      arrays with the same leading batch dimensions.
+    *xs: arrays ``(..., m, n)`` sharing their leading batch dimensions.
+
+  Returns:
+    ``fn(*xs)``.
+
+  Example:
+    >>> w, q = one_matrix_per_call_on_cpu(jnp.linalg.eigh, jnp.eye(3)[None])
+  """
+  batch = xs[0].shape[:-2]
+  if not batch:
+    return fn(*xs)
+
+  def per_matrix(*xs):
+    flat = [x.reshape((-1,) + x.shape[-2:]) for x in xs]
+    out = lax.map(lambda args: fn(*args), flat)
+    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+  return lax.platform_dependent(*xs, cpu=per_matrix, default=fn)
+
+
 def _check_common(p, ridge_epsilon, method):
   if not isinstance(p, int) or isinstance(p, bool) or p < 1:
     raise ValueError(
@@ -94,7 +129,7 @@ def power_iteration_max_eig(a: jax.Array, num_iters: int = 20) -> jax.Array:
 
 
 def _eigh_root(a, p, ridge_epsilon, relative_ridge):
-  w, q = jnp.linalg.eigh(a)
+  w, q = one_matrix_per_call_on_cpu(jnp.linalg.eigh, a)
   lam_max = jnp.max(w, axis=-1)
   ridge = ridge_epsilon * lam_max if relative_ridge else jnp.full_like(
       lam_max, ridge_epsilon)

@@ -16,6 +16,7 @@ import optax
 from jax import lax
 
 from gradax.optimizers import _tree
+from gradax.optimizers import matrix_roots as _roots
 # The module, not the `shampoo` function that the package re-exports.
 _sh = importlib.import_module("gradax.optimizers.shampoo")
 
@@ -194,7 +195,7 @@ def scale_by_soap(
     out = []
     for n, s in zip(plan.sizes, stats):
       a = _sh.unpack_sym(s.astype(jnp.float32), n)
-      _, q = jnp.linalg.eigh(a)
+      _, q = _roots.one_matrix_per_call_on_cpu(jnp.linalg.eigh, a)
       q = jnp.flip(q, axis=-1)  # decreasing eigenvalues
       q = jnp.where(jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True), q,
                     jnp.eye(n, dtype=q.dtype))
@@ -209,8 +210,9 @@ def scale_by_soap(
       est = jnp.einsum("zij,zik,zkj->zj", q, a, q, precision=_sh._HIGHEST)  # pylint: disable=protected-access
       order = jnp.argsort(-est, axis=-1)
       q_sorted = jnp.take_along_axis(q, order[:, None, :], axis=-1)
-      q_new, _ = jnp.linalg.qr(jnp.einsum("zij,zjk->zik", a, q_sorted,
-                                          precision=_sh._HIGHEST))  # pylint: disable=protected-access
+      q_new, _ = _roots.one_matrix_per_call_on_cpu(
+          jnp.linalg.qr, jnp.einsum("zij,zjk->zik", a, q_sorted,
+                                    precision=_sh._HIGHEST))  # pylint: disable=protected-access
       ok = jnp.all(jnp.isfinite(q_new), axis=(-2, -1), keepdims=True)
       new_bases.append(jnp.where(ok, q_new, q_sorted).astype(sdt))
       perms.append(order)

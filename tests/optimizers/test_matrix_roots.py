@@ -101,3 +101,23 @@ def test_bf16_previous_dtype_kept():
   root, _ = jax.jit(lambda x, y: mr.safe_inverse_pth_root(x, y, 4))(
       jnp.asarray(a, jnp.float32), prev)
   assert root.dtype == jnp.bfloat16
+
+
+def test_one_matrix_per_call_on_cpu_matches_batched_and_is_unbatched():
+  """Same values as the batched op, and on CPU each LAPACK call sees one
+  matrix (batched CPU LAPACK calls can deadlock across fake devices)."""
+  x = jax.random.normal(jax.random.key(3), (2, 3, 5, 5))
+  a = x @ jnp.swapaxes(x, -1, -2)
+  per_call = jax.jit(lambda a: mr.one_matrix_per_call_on_cpu(
+      jnp.linalg.eigh, a))
+  w, q = per_call(a)
+  w_ref, _ = jnp.linalg.eigh(a)
+  np.testing.assert_allclose(w, w_ref, rtol=1e-5, atol=1e-5)
+  # q diag(w) qᵀ rebuilds each matrix (eigenvectors are unique up to sign)
+  np.testing.assert_allclose(
+      jnp.einsum("...ij,...j,...kj->...ik", q, w, q), a, rtol=1e-4, atol=1e-4)
+  r_q, r_r = mr.one_matrix_per_call_on_cpu(jnp.linalg.qr, x)
+  np.testing.assert_allclose(r_q @ r_r, x, rtol=1e-5, atol=1e-5)
+  calls = [l for l in per_call.lower(a).as_text().splitlines()
+           if "lapack_ssyevd" in l]
+  assert calls and all('num_batch_dims = "0"' in l for l in calls), calls
