@@ -28,14 +28,15 @@ import optax
 from gradax import optimizers as gx
 from gradax.experiments import benchlib
 from gradax.experiments import tasks as tasks_lib
+from gradax.experiments.configs import default as default_config
 
 TITLE = "Memory-efficient optimizers vs AdamW: state bytes, eval loss, step time"
 
 # Tuned learning rates: digits_mlp from a sweep over {3e-3, 1e-2, 3e-2, 1e-1}
 # at 300 steps, batch 32; char_lm partly swept (AdamW, MicroAdam) and
 # otherwise scaled from the digits optimum relative to AdamW's (the shared
-# 2-core machine allowed ~4 min per char_lm run). Same values as in
-# experiments/configs/default.py. Second pass (digits_mlp, 300 steps):
+# 2-core machine allowed ~4 min per char_lm run). The values live in the
+# runner's table, experiments/configs/default.py. Second pass (digits_mlp, 300 steps):
 # MicroAdam with the authors' step-t bias correction over {1e-3, 3e-3, 1e-2,
 # 2e-2, 3e-2} -> 1e-2 (char_lm: 1e-2, scaled alike, not swept); Grass over
 # {1e-2, 2e-2, 3e-2, 1e-1, 3e-1} x rank {8, 10} x gap {10, 50} x selection
@@ -45,16 +46,11 @@ TITLE = "Memory-efficient optimizers vs AdamW: state bytes, eval loss, step time
 # char_lm (300 steps, batch 32): APOLLO {1e-2, 3e-2} x rank {8, 16} -> 3e-2,
 # rank 8; APOLLO-Mini {3e-3, 1e-2, 2e-2, 3e-2} -> 1e-2; Grass (top_norm)
 # {5e-3, 1e-2, 3e-2} -> 1e-2; Natural GaLore {5e-3, 1e-2, 3e-2} -> 1e-2.
-LR = {
-    "adamw": {"char_lm": 3e-3, "digits_mlp": 3e-3},
-    "microadam": {"char_lm": 1e-2, "digits_mlp": 1e-2},
-    "frugal": {"char_lm": 3e-3, "digits_mlp": 3e-3},
-    "apollo": {"char_lm": 3e-2, "digits_mlp": 1e-1},
-    "apollo_mini": {"char_lm": 1e-2, "digits_mlp": 3e-2},
-    "sn_sm": {"char_lm": 3e-2, "digits_mlp": 1e-1},
-    "grass": {"char_lm": 1e-2, "digits_mlp": 3e-2},
-    "natural_galore": {"char_lm": 1e-2, "digits_mlp": 3e-2},
-}
+# The benchmark's short names -> the runner's learning-rate table.
+LR = {name: default_config.LEARNING_RATES[
+          "subset_norm_subspace_momentum" if name == "sn_sm" else name]
+      for name in ("adamw", "microadam", "frugal", "apollo", "apollo_mini",
+                   "sn_sm", "grass", "natural_galore")}
 
 # Re-selection gaps are 50 (not the papers' 200): runs here are 300 steps.
 GAP = 50
