@@ -50,7 +50,7 @@ TITLE = "Shampoo and SOAP vs AdamW (step/compile time, state bytes, steps to Ada
 # Final eval losses (2026-11-29):
 #   char_lm   adamw   1e-3 2.1231 | 3e-3 1.9361 | 1e-2 1.9370
 #             shampoo 1e-3 2.0789 | 3e-3 1.8377 | 1e-2 1.7782 (both 0.73x)
-#             soap    3e-3 1.9138 (1.0x)
+#             soap    3e-3 1.9138 (1.0x) | 6e-3 1.7971 (0.77x) | 1e-2 1.7879 (0.73x)
 #   digits    adamw   1e-3 0.2350 | 3e-3 0.0956 | 1e-2 0.0542 | 3e-2 0.0565
 #             shampoo 3e-3 0.0608 | 1e-2 0.0290 (0.50x)
 #             soap    1e-3 0.9716 | 3e-3 0.1089 | 1e-2 0.0212 (0.50x) |
@@ -60,7 +60,7 @@ TITLE = "Shampoo and SOAP vs AdamW (step/compile time, state bytes, steps to Ada
 LR = {
     "adamw": {"char_lm": 3e-3, "digits_mlp": 1e-2},
     "shampoo": {"char_lm": 1e-2, "digits_mlp": 1e-2},
-    "soap": {"char_lm": 3e-3, "digits_mlp": 1e-2},
+    "soap": {"char_lm": 1e-2, "digits_mlp": 1e-2},
 }
 
 

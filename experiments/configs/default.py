@@ -47,7 +47,7 @@ LEARNING_RATES = {
     "grass": {"char_lm": 1e-2, "digits_mlp": 3e-2},
     "natural_galore": {"char_lm": 1e-2, "digits_mlp": 3e-2},
     "shampoo": {"char_lm": 1e-2, "digits_mlp": 1e-2, "quadratic": 0.1, "rosenbrock": 0.02},
-    "soap": {"char_lm": 3e-3, "digits_mlp": 1e-2, "quadratic": 0.1, "rosenbrock": 0.02},
+    "soap": {"char_lm": 1e-2, "digits_mlp": 1e-2, "quadratic": 0.1, "rosenbrock": 0.02},
     "onebit_adam": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
 }
 
