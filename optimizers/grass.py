@@ -19,11 +19,11 @@ class GrassState(NamedTuple):
 
   Attributes:
     count: steps taken, shape ``()``, int32.
-    mu: Adam first moment: ``(rank, min(m, n))`` f32 per matrix leaf, the
+    mu: Adam first moment: ``(rank, max(m, n))`` f32 per matrix leaf, the
       leaf's shape (f32) for vectors and scalars.
     nu: Adam second moment, same shapes.
-    rows: selected rows of the longer side, ``(rank,)`` int32 per matrix leaf
-      (size 0 for vectors).
+    rows: selected rows of the shorter side, ``(rank,)`` int32 per matrix
+      leaf (size 0 for vectors).
     row_scale: the selection's scale ``c_j``, ``(rank,)`` f32 per matrix leaf.
   """
   count: jax.Array
@@ -77,7 +77,10 @@ def scale_by_grass(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Grass: Adam on ``rank`` selected rows; the update is row-sparse.
 
-  For each matrix leaf ``G`` (its longer side as rows), every
+  For each matrix leaf ``G``, viewed as ``(min(m, n), max(m, n))`` (the
+  shorter side as rows, as in the paper and GaLore, which take ``m <= n``:
+  the state is ``rank × max(m, n)`` and a selected row updates
+  ``max(m, n)`` entries), every
   ``update_proj_gap`` steps a sparse projection ``P`` (one nonzero ``c_j`` per
   column, at row ``i_j``) is chosen by :func:`select_rows` and the moments
   restart. Then
@@ -123,7 +126,7 @@ def scale_by_grass(
       mshape = proj.matrix_shape(p.shape)
       if mshape is None:
         return jnp.zeros(p.shape, jnp.float32)
-      return jnp.zeros((rank, min(mshape)), jnp.float32)
+      return jnp.zeros((rank, max(mshape)), jnp.float32)
 
     def sel(p, dtype):
       size = 0 if proj.matrix_shape(p.shape) is None else rank
@@ -147,7 +150,8 @@ def scale_by_grass(
       mshape = proj.matrix_shape(g.shape)
       if mshape is None:
         return (*proj.adam_leaf(g, mu, nu, count, b1, b2, eps), rows, scale)
-      transpose = not proj.is_left(mshape)
+      # Rows are the shorter side (transpose when m > n).
+      transpose = mshape[0] > mshape[1]
       g2 = g.astype(jnp.float32).reshape(mshape)
       g2 = g2.T if transpose else g2
       key = proj.leaf_key(seed, i, epoch)
