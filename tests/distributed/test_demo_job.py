@@ -36,17 +36,23 @@ def dct_matrix(n):
   return d
 
 
-def test_demo_with_every_coefficient_is_signum_of_mean_local_momentum(setup):
+@pytest.mark.parametrize("schedule", [False, True])
+def test_demo_with_every_coefficient_is_signum_of_mean_local_momentum(
+    setup, schedule):
   mesh, params, batches = setup
-  lr, beta = 0.01, 0.9
+  beta = 0.9
+  # A schedule sees the step count: step t uses 0.01·0.5^t.
+  lr_at = (lambda t: 0.01 * 0.5 ** t) if schedule else (lambda t: 0.01)
   # 16x8 weight in 8x8 chunks (64 coefficients), bias in one chunk of 8.
-  alg = demo(loss, lr, mesh, topk=64, chunk=8, compression_decay=beta)
+  alg = demo(loss, lr_at if schedule else 0.01, mesh, topk=64, chunk=8,
+             compression_decay=beta)
   s = alg.init(params)
   p_ref = jax.tree.map(np.asarray, params)
   mom = [jax.tree.map(np.zeros_like, p_ref) for _ in range(N)]
   grad = jax.jit(jax.grad(loss))
-  for batch in batches:
+  for t, batch in enumerate(batches):
     s, _ = alg.step(s, batch)
+    lr = lr_at(t)
     for i in range(N):
       g = grad(p_ref, shard(batch, i))
       mom[i] = jax.tree.map(lambda m, g: beta * m + lr * np.asarray(g),

@@ -36,12 +36,14 @@ def shard(batch, i):
   return jax.tree.map(lambda a: a[i * b:(i + 1) * b], batch)
 
 
-def local_rounds(params, batches, H, on_sync):
-  """Reference: N replicas, inner SGD(LR) on their slices, sync every H."""
+def local_rounds(params, batches, H, on_sync, lr_at=lambda t: LR):
+  """Reference: N replicas, inner SGD(lr_at(t)) on their slices (t = inner
+  steps already taken, counted across rounds), sync every H."""
   local = [params] * N
   grad = jax.jit(jax.grad(loss))
   for t, batch in enumerate(batches, start=1):
-    local = [jax.tree.map(lambda p, g: p - LR * g, local[i],
+    lr = lr_at(t - 1)
+    local = [jax.tree.map(lambda p, g: p - lr * g, local[i],
                           grad(local[i], shard(batch, i))) for i in range(N)]
     if t % H == 0:
       local = on_sync(local)
@@ -87,6 +89,22 @@ def test_diloco_matches_reference_with_nesterov_outer(setup):
   local_rounds(params, batches, 4, on_sync)
   alg = diloco(loss, optax.sgd(LR), mesh, 4)       # default outer = Nesterov
   close(alg.eval_params(run(alg, params, batches)), box["g"])
+
+
+def test_diloco_inner_schedule_counts_steps_across_rounds(setup):
+  # The inner optimizer state (and its schedule's step count) lives on across
+  # rounds: step t of the run uses lr(t), not lr(t mod H).
+  mesh, params, batches = setup
+  sched = lambda t: LR * 0.8 ** t
+  ref = tree_mean(local_rounds(params, batches, 2,
+                               lambda l: [tree_mean(l)] * N, sched))
+  alg = diloco(loss, optax.sgd(sched), mesh, 2, outer_optimizer=optax.sgd(1.0))
+  close(alg.eval_params(run(alg, params, batches)), ref)
+  s = alg.init(params)
+  for r in range(len(batches) // 2):
+    s, _ = alg.round(s, jax.tree.map(lambda *x: np.stack(x),
+                                     *batches[2 * r:2 * r + 2]))
+  close(alg.eval_params(s), ref)
 
 
 @pytest.fixture(scope="module")
