@@ -22,8 +22,8 @@ class ApolloState(NamedTuple):
     mu: first moment; ``(r, n)`` or ``(m, r)`` f32 for matrix leaves, the
       leaf's shape (f32) for vectors and scalars.
     nu: second moment, same shapes as ``mu``.
-    prev_norm: norm of the previous scaled update per leaf (the norm-growth
-      limiter's memory), shape ``()``, f32.
+    prev_norm: ``‖U_{t-1}‖/c_{t-1}`` per leaf (the norm-growth limiter's
+      memory, see :func:`scale_by_apollo`), shape ``()``, f32.
     basis: per matrix leaf the stored SVD basis ``(max(m, n), r)`` f32 when
       ``projection='svd'``; a size-0 f32 array otherwise (random bases are
       regenerated from ``seed``).
@@ -63,12 +63,15 @@ def scale_by_apollo(
 
   with ``s`` one scalar per channel (``'channel'``) or per tensor
   (``'tensor'``). The Fira norm-growth limiter then rescales ``U_t`` so that
-  ``‖U_t‖ <= γ ‖U_{t-1}‖`` (``γ = norm_growth_limit``). Vectors and scalars
-  get plain Adam, as in the reference code (``vector_mode='adam'``), or are
-  treated as ``(1, d)`` matrices with a rank-1 projection
-  (``vector_mode='apollo'``, which keeps two floats per vector; it is what
-  brings APOLLO-Mini under 0.1 bytes/param on small models, whose biases and
-  norms are a visible share of the parameters).
+  ``‖U_t‖/c_t <= γ ‖U_{t-1}‖/c_{t-1}`` (``γ = norm_growth_limit``), with
+  ``c_t = sqrt(1-β₂ᵗ)/(1-β₁ᵗ)`` Adam's bias-correction step factor: the
+  reference code limits the scaled gradient before it multiplies in ``c_t``,
+  which holds the first ~10 steps back (``c_t`` falls from 0.32 to 0.15).
+  Vectors and scalars get plain Adam, as in the reference code
+  (``vector_mode='adam'``), or are treated as ``(1, d)`` matrices with a
+  rank-1 projection (``vector_mode='apollo'``, which keeps two floats per
+  vector; it is what brings APOLLO-Mini under 0.1 bytes/param on small
+  models, whose biases and norms are a visible share of the parameters).
 
   Args:
     rank: projection rank ``r``, at most the smaller matrix dimension.
@@ -172,7 +175,12 @@ def scale_by_apollo(
              / (jnp.linalg.norm(r, axis=axis, keepdims=True) + 1e-8))
       u = g2 * s * jnp.sqrt(jnp.asarray(scale, jnp.float32))
       if norm_growth_limit is not None:
-        norm = jnp.linalg.norm(u)
+        # The reference (zhuhanqing/APOLLO) limits the scaled gradient before
+        # Adam's bias-correction step factor c_t = sqrt(1-b2^t)/(1-b1^t), so
+        # the limiter compares ||U_t|| / c_t across steps.
+        tf = count.astype(jnp.float32)
+        c_t = jnp.sqrt(1.0 - b2 ** tf) / (1.0 - b1 ** tf)
+        norm = jnp.linalg.norm(u) / c_t
         limiter = jnp.where(
             state.count > 0,
             jnp.maximum(norm / (prev + 1e-8), norm_growth_limit)

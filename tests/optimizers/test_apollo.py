@@ -25,36 +25,61 @@ def test_channel_scaling_with_svd_basis_first_step():
   np.testing.assert_allclose(u, g * s[None, :] * 2.0, rtol=1e-4)
 
 
-def test_tensor_scaling_and_norm_growth_limiter():
+def _reference_apollo_tensor(gs, p, gamma=1.01, b1=0.9, b2=0.999, eps=1e-8):
+  """The reference code's loop (zhuhanqing/APOLLO apollo_torch/apollo.py) for
+  one matrix, rank-1 right projection ``R = G p``, scale 1: Adam moments
+  without bias correction, the tensor factor, the norm-growth limiter on the
+  scaled gradient, and only then the step factor sqrt(1-b2^t)/(1-b1^t)."""
+  m = v = 0.0
+  prev, out = None, []
+  for t, g in enumerate(gs, start=1):
+    g = g.astype(np.float64)
+    r = g @ p
+    m = b1 * m + (1 - b1) * r
+    v = b2 * v + (1 - b2) * r ** 2
+    s = np.linalg.norm(m / (np.sqrt(v) + eps)) / (np.linalg.norm(r) + 1e-8)
+    scaled = g * s
+    if prev is None:
+      prev = np.linalg.norm(scaled)
+    else:
+      n = np.linalg.norm(scaled)
+      limiter = max(n / (prev + 1e-8), gamma) / gamma
+      scaled = scaled / limiter
+      prev = n / limiter
+    out.append(np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * scaled)
+  return out, prev
+
+
+def test_tensor_scaling_and_norm_growth_limiter_match_reference_loop():
   rng = np.random.default_rng(1)
   g1 = rng.normal(size=(3, 6)).astype(np.float32)
-  tx = gx.scale_by_apollo(rank=1, scale_type="tensor", projection="svd",
-                          update_proj_gap=100, eps=EPS)
-  state = tx.init(jnp.zeros((3, 6)))
-  u1, state = tx.update(jnp.asarray(g1), state)
-  # Right projection (3 < 6): P is the top right singular vector.
+  # Right projection (3 < 6): P is the top right singular vector of g1.
   p = np.linalg.svd(g1.astype(np.float64))[2][:1].T
-  r = g1 @ p
-  s = np.linalg.norm(r / (np.abs(r) + EPS)) / (np.linalg.norm(r) + 1e-8)
-  np.testing.assert_allclose(u1, g1 * s, rtol=1e-4)
   # A gradient nearly orthogonal to the basis has a tiny projection, so its
-  # scale factor (and update norm) would jump: the limiter caps the growth
-  # at 1.01x and keeps the direction.
+  # scale factor (and update norm) jumps at step 2: the limiter binds.
   g2 = rng.normal(size=(3, 6))
   g2 = (g2 - 0.99 * (g2 @ p) @ p.T).astype(np.float32)
+  gs = [g1, g2] + [rng.normal(size=(3, 6)).astype(np.float32)
+                   for _ in range(4)]
+  want, want_prev = _reference_apollo_tensor(gs, p)
+  tx = gx.scale_by_apollo(rank=1, scale_type="tensor", projection="svd",
+                          update_proj_gap=100, eps=1e-8)
   free = gx.scale_by_apollo(rank=1, scale_type="tensor", projection="svd",
-                            update_proj_gap=100, eps=EPS,
+                            update_proj_gap=100, eps=1e-8,
                             norm_growth_limit=None)
-  _, free_state = free.update(jnp.asarray(g1), free.init(jnp.zeros((3, 6))))
-  unlimited, _ = free.update(jnp.asarray(g2), free_state)
-  u2, state = tx.update(jnp.asarray(g2), state)
-  assert np.linalg.norm(unlimited) > 1.5 * np.linalg.norm(u1)
-  np.testing.assert_allclose(np.linalg.norm(u2), 1.01 * np.linalg.norm(u1),
-                             rtol=1e-4)
-  np.testing.assert_allclose(
-      u2, unlimited * (np.linalg.norm(u2) / np.linalg.norm(unlimited)),
-      rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(state.prev_norm, np.linalg.norm(u2), rtol=1e-5)
+  state = tx.init(jnp.zeros((3, 6)))
+  free_state = free.init(jnp.zeros((3, 6)))
+  for t, g in enumerate(gs):
+    u, state = tx.update(jnp.asarray(g), state)
+    unlimited, free_state = free.update(jnp.asarray(g), free_state)
+    np.testing.assert_allclose(u, want[t], rtol=1e-4, atol=1e-7)
+    if t == 1:
+      # Step 2 is limited (a shorter step in the same direction).
+      assert np.linalg.norm(unlimited) > 1.5 * np.linalg.norm(want[1])
+      np.testing.assert_allclose(
+          u, unlimited * (np.linalg.norm(u) / np.linalg.norm(unlimited)),
+          rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(state.prev_norm, want_prev, rtol=1e-4)
 
 
 def test_vectors_get_adam_by_default():
