@@ -25,7 +25,8 @@ OPTIMIZERS = (
     "subset_norm_subspace_momentum:rank=8:update_proj_gap=50",
     "grass:rank=8:update_proj_gap=50:selection=top_norm",
     "natural_galore:rank=8:update_proj_gap=50",
-    # Shampoo (Adam-grafted, roots every 10 steps) and SOAP.
+    # Shampoo (grafted to Adam with a factored second moment, roots every 10
+    # steps) and SOAP.
     "shampoo:precondition_every=10",
     "soap:precondition_every=10",
     # 1-bit Adam: freeze_step at 15% of the default 200 steps. The runner's

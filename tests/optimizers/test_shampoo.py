@@ -281,6 +281,10 @@ def test_bf16_storage_and_bf16_params_keep_dtype():
   assert u["w"].dtype == jnp.bfloat16 and u["b"].dtype == jnp.float32
   st = state[0]
   assert all(x.dtype == jnp.bfloat16 for x in st.stats + st.roots)
+  # The default graft's factored second moment is stored in mu_dtype.
+  assert st.nu_row["w"].shape == (8,) and st.nu_col["w"].shape == (6,)
+  assert all(x.dtype == jnp.bfloat16
+             for x in jax.tree.leaves((st.nu_row, st.nu_col, st.mu)))
   assert all(np.all(np.isfinite(np.asarray(x, np.float32)))
              for x in jax.tree.leaves(u))
 
