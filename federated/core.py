@@ -296,6 +296,34 @@ def select_clients(participating: jax.Array, capacity: int):
   return ids.astype(jnp.int32), valid, jnp.maximum(count - capacity, 0)
 
 
+def client_slots(participating: jax.Array, capacity: int, per_client,
+                 in_place: bool = True):
+  """The round's client slots and the per-client arrays gathered into them.
+
+  With ``capacity < N`` (or ``in_place=False``) the participants are
+  compacted into ``capacity`` slots (``select_clients``) and every leaf of
+  ``per_client`` (leading axis ``[N]``) is gathered to ``[capacity]``. With
+  ``capacity == N`` and ``in_place`` slot n holds client n (``valid`` = who
+  participates): the same clients do the same work with the same keys, and
+  the data is used in place instead of copied by a gather each round.
+  (Sharded rounds compact: fed in place, the per-client server state would
+  come back sharded like the client work.)
+
+  Returns:
+    ``(ids, valid, overflow, participating, per_client_in_slots)``, where
+    ``participating`` keeps only the clients that got a slot.
+  """
+  participating = participating.astype(bool)
+  n = participating.shape[0]
+  if in_place and capacity == n:
+    return (jnp.arange(n, dtype=jnp.int32), participating,
+            jnp.zeros((), jnp.int32), participating, per_client)
+  ids, valid, overflow = select_clients(participating, capacity)
+  participating = jnp.zeros_like(participating).at[ids].max(valid)
+  return (ids, valid, overflow, participating,
+          jax.tree.map(lambda a: a[ids], per_client))
+
+
 def client_keys(key, ids):
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
@@ -458,11 +486,9 @@ def local_update_algorithm(loss_fn: LossFn,
           f"the data holds {data.num_examples.shape[0]} clients but the "
           f"algorithm was built for num_clients={num_clients}.")
     part = inputs.participating.astype(bool) & (data.num_examples > 0)
-    ids, valid, overflow = select_clients(part, cap)
-    part = jnp.zeros_like(part).at[ids].max(valid)
-    ex = jax.tree.map(lambda a: a[ids], data.examples)
-    n_ex = data.num_examples[ids]
-    work = inputs.work[ids]
+    ids, valid, overflow, part, (ex, n_ex, work) = client_slots(
+        part, cap, (data.examples, data.num_examples, inputs.work),
+        in_place=mesh is None)
     keys = client_keys(inputs.key, ids)
     ctx = ctx_fn(state) if ctx_fn else {}
     cctx = client_ctx_fn(state, ids) if client_ctx_fn else {}

@@ -155,6 +155,29 @@ def test_sharded_clients_equal_vmapped(lsq_data):
   np.testing.assert_allclose(a.params["w"], b.params["w"], rtol=1e-6)
 
 
+def test_clients_in_place_equal_compacted_slots(lsq_data):
+  # capacity N keeps client n in slot n (no gather); a smaller capacity
+  # compacts the participants into slots: same rounds, same FedAU state
+  n = lsq_data.num_clients
+  part = np.array([[1, 0, 1, 1, 0, 0, 1, 0], [0, 1, 1, 0, 1, 0, 0, 1],
+                   [1, 1, 0, 0, 0, 1, 1, 0]], bool)
+  keys = jax.random.split(jax.random.key(5), 3)
+  out = []
+  for cap in (n, 4):
+    alg = fl.fedau(_lsq_loss, optax.sgd(0.05), fl.LocalConfig(2, "steps", 2),
+                   n, cutoff=2, capacity=cap)
+    state, diag = jax.jit(lambda s, alg=alg: fl.run_rounds(
+        alg, s, lsq_data, part, keys, 2))(alg.init({"w": jnp.ones(3)}))
+    out.append((state, diag))
+  (a, da), (b, db) = out
+  np.testing.assert_allclose(a.params["w"], b.params["w"], rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(a.agg_state), jax.tree.leaves(b.agg_state)):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(da["num_participants"], [3, 3, 4])
+  np.testing.assert_array_equal(da["num_participants"], db["num_participants"])
+  np.testing.assert_array_equal(db["overflow"], [0, 0, 0])
+
+
 def test_capacity_overflow_is_counted(lsq_data):
   n = lsq_data.num_clients
   alg = fl.fedavg(_lsq_loss, optax.sgd(0.05), fl.LocalConfig(2, "steps", 1),
