@@ -20,9 +20,12 @@ as a fast client's K steps; ``reweight=False`` uses c_i = 1. With equal speeds
 such that every client completes its K steps within P, and s = N, both reduce
 to FedAvg with K local steps (equal weights).
 
-Note: the exact form of the reweighting in the paper could not be checked
-from this implementation's sources (the rule above is the inverse
-completed-work normalisation; treat it as the documented gradax choice).
+Unverified against the paper: of arXiv 2305.16099 only the abstract and the
+opening of the introduction could be read here (the stored ar5iv page), not
+its Algorithm 1, so neither the server step above nor the form of the
+reweighting (inverse completed-work normalisation K/e_i) is checked against
+the paper's lines; treat both as the documented gradax rule, which the tests
+check against a plain reference of the formula above.
 
 FAVANO: Federated AVeraging with Asynchronous NOdes, Leconte, Nguyen,
 Moulines, ICASSP 2024 (arXiv 2305.16099).
