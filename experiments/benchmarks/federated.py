@@ -490,9 +490,11 @@ def client_steps_on_one_device() -> list[dict]:
   The harness gives JAX 8 (fake) CPU devices for the multi-device
   benchmarks. On a 2-core machine that slows this single-device measurement
   unevenly: the vmapped round took 16.5 us per client-step with 8 devices
-  and 12.2 us with one (the compute floor 12.0 and 11.6: unchanged; the
-  round's PRNG loops are what slow down), so the comparison runs where a
-  user's CPU simulation runs, on one device, every side in the same process.
+  and 12.2 us with one (best of 3 paired minima: 13.6 vs 11.1 ms a round),
+  the compute floor 12.0 and 11.6 (10.6 vs 9.3 ms), and with 8 devices the
+  round burns ~1.5x its wall time in CPU time (idle pool threads spinning).
+  So the comparison runs where a user's CPU simulation runs, on one device,
+  every side in the same process.
   """
   if len(jax.devices()) == 1:
     return client_steps_per_second()
