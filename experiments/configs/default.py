@@ -21,10 +21,10 @@ OPTIMIZERS = (
     "microadam",
     "frugal:density=0.25:update_gap=50",
     "apollo:rank=8:update_proj_gap=50",
-    "apollo_mini:update_proj_gap=50:vector_mode=apollo",
+    "apollo_mini:update_proj_gap=200:vector_mode=apollo",
     "subset_norm_subspace_momentum:rank=8:update_proj_gap=50",
-    "grass:rank=8:update_proj_gap=50:selection=top_norm",
-    "natural_galore:rank=8:update_proj_gap=50",
+    "grass:rank=16:update_proj_gap=50:selection=top_norm",
+    "natural_galore:rank=16:update_proj_gap=50:damping=1e-2",
     # Shampoo (grafted to Adam with a factored second moment, roots every 10
     # steps) and SOAP.
     "shampoo:precondition_every=10",
@@ -40,13 +40,13 @@ OPTIMIZERS = (
 # warning. One line per optimizer.
 LEARNING_RATES = {
     "adamw": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
-    "microadam": {"char_lm": 1e-2, "digits_mlp": 1e-2},
+    "microadam": {"char_lm": 5e-3, "digits_mlp": 1e-2},
     "frugal": {"char_lm": 3e-3, "digits_mlp": 3e-3},
     "apollo": {"char_lm": 3e-2, "digits_mlp": 1e-1},
-    "apollo_mini": {"char_lm": 1e-2, "digits_mlp": 3e-2},
+    "apollo_mini": {"char_lm": 1e-2, "digits_mlp": 1e-1},
     "subset_norm_subspace_momentum": {"char_lm": 3e-2, "digits_mlp": 1e-1},
-    "grass": {"char_lm": 1e-2, "digits_mlp": 3e-2},
-    "natural_galore": {"char_lm": 1e-2, "digits_mlp": 3e-2},
+    "grass": {"char_lm": 1e-2, "digits_mlp": 2e-2},
+    "natural_galore": {"char_lm": 1e-2, "digits_mlp": 2e-2},
     "shampoo": {"char_lm": 1e-2, "digits_mlp": 1e-2, "quadratic": 0.1, "rosenbrock": 0.02},
     "soap": {"char_lm": 1e-2, "digits_mlp": 1e-2, "quadratic": 0.1, "rosenbrock": 0.02},
     "onebit_adam": {"char_lm": 3e-3, "digits_mlp": 3e-3, "quadratic": 0.1, "rosenbrock": 0.02},
