@@ -72,6 +72,20 @@ def test_failures_keep_previous(method):
   assert np.all(np.isfinite(np.asarray(root)))
 
 
+def test_newton_zero_matrix_does_not_hold_the_batch():
+  """An all-zero matrix (a block that has seen no gradient yet) never
+  converges; it must not keep the batch's loop running to the cap."""
+  a, _, _ = _spd(6, 1e3, 5)
+  a = jnp.asarray(a, jnp.float32)
+  alone = mr.inverse_pth_root(a[None], 4, method="newton")
+  batch = mr.inverse_pth_root(jnp.stack([jnp.zeros_like(a), a]), 4,
+                              method="newton", num_newton_iters=100)
+  assert 0 < int(alone.iterations) < 40
+  assert int(batch.iterations) == int(alone.iterations)
+  np.testing.assert_array_equal(batch.root[1], alone.root[0])
+  assert list(np.asarray(batch.ok)) == [False, True]
+
+
 def test_newton_error_threshold_rejects():
   a, _, _ = _spd(8, 1e4, 3)
   res = mr.inverse_pth_root(jnp.asarray(a, jnp.float32), 4, method="newton",
