@@ -93,6 +93,33 @@ def tree_all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def skip_nonfinite_step(updates: Any, state: Any, step: Any) -> Any:
+  """``step()`` when every leaf of ``updates`` is finite, else a skipped step.
+
+  A skipped step returns zero updates (each with its leaf's dtype) and
+  ``state`` with its ``skipped`` counter increased by one, so nothing
+  non-finite reaches the state. ``state`` must be a NamedTuple with a
+  ``skipped`` field, and ``step`` a zero-argument function returning
+  ``(updates, new_state)`` of the same structure and types.
+
+  One ``lax.cond`` consumes the all-finite flag. Selecting every output with
+  ``jnp.where(finite, new, old)`` instead made XLA copy the chain of
+  per-leaf ``and``s into every fusion that used it (4435 ``and`` ops for a
+  30-leaf model), which doubled Shampoo's compile time.
+
+  Example:
+    >>> updates, state = skip_nonfinite_step(
+    ...     grads, state, lambda: (real_updates(grads), real_state))
+  """
+  finite = tree_all_finite(updates)
+
+  def skip():
+    zeros = jax.tree.map(jnp.zeros_like, updates)
+    return zeros, state._replace(skipped=state.skipped + 1)
+
+  return jax.lax.cond(finite, step, skip)
+
+
 def explicit_sharding(x: Any) -> Any:
   """The `NamedSharding` of `x` when it is sharded over an Explicit mesh axis.
 

@@ -632,11 +632,14 @@ def scale_by_shampoo(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    return _tree.skip_nonfinite_step(
+        updates, state, lambda: finite_step(updates, state))
+
+  def finite_step(updates, state):
     leaves, treedef = jax.tree.flatten(updates)
     plan = plan_of(updates)
-    finite = _tree.tree_all_finite(leaves)
     leaves, shardings = replicate_leaves(leaves)
-    g32 = [jnp.where(finite, x, 0).astype(jnp.float32) for x in leaves]
+    g32 = [x.astype(jnp.float32) for x in leaves]
     t = state.count
     t1 = t + 1
     mu_leaves = jax.tree.leaves(state.mu)
@@ -664,7 +667,7 @@ def scale_by_shampoo(
         out.append(val.astype(state.stats[si].dtype))
       return tuple(out)
 
-    stats_due = jnp.logical_and(finite, t % statistics_every == 0)
+    stats_due = t % statistics_every == 0
     if plan.sizes:
       stats = lax.cond(stats_due, new_stats, lambda: state.stats)
     else:
@@ -673,7 +676,6 @@ def scale_by_shampoo(
     # Roots.
     first = jnp.maximum(start_preconditioning_step - 1, 0)
     roots_due = (t >= first) & ((t - first) % precondition_every == 0)
-    roots_due = jnp.logical_and(roots_due, finite)
     if plan.sizes:
       roots, failures = lax.cond(
           roots_due, lambda: compute_roots(plan, stats, state.roots),
@@ -755,24 +757,17 @@ def scale_by_shampoo(
     else:
       new_mu = mu_leaves
 
-    def keep(new, old):
-      return jnp.where(finite, new, old)
-
-    new_mu = [keep(restore_sharding(a, s), b) if a.size else b
+    # Moments get their leaf's sharding back; row / column sums are small and
+    # stay replicated, like the statistics.
+    new_mu = [restore_sharding(a, s) if a.size else b
               for a, b, s in zip(new_mu, jax.tree.leaves(state.mu), shardings)]
-    new_nu = [keep(restore_sharding(a, s), b) if a.size else b
+    new_nu = [restore_sharding(a, s) if a.size else b
               for a, b, s in zip(new_nu, jax.tree.leaves(state.nu), shardings)]
-    # Row / column sums are small and stay replicated, like the statistics.
-    new_row = [keep(a, b) if a.size else b
-               for a, b in zip(new_row, jax.tree.leaves(state.nu_row))]
-    new_col = [keep(a, b) if a.size else b
-               for a, b in zip(new_col, jax.tree.leaves(state.nu_col))]
-    outs = [restore_sharding(jnp.where(finite, o, 0).astype(x.dtype), s)
+    outs = [restore_sharding(o.astype(x.dtype), s)
             for o, x, s in zip(outs, jax.tree.leaves(updates), shardings)]
-    one = jnp.ones([], jnp.int32)
     new_state = ShampooState(
-        count=jnp.where(finite, t + one, t),
-        skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+        count=t + 1,
+        skipped=state.skipped,
         root_failures=state.root_failures + failures,
         stats=tuple(stats),
         roots=tuple(roots),

@@ -229,11 +229,14 @@ def scale_by_soap(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    return _tree.skip_nonfinite_step(
+        updates, state, lambda: finite_step(updates, state))
+
+  def finite_step(updates, state):
     leaves, treedef = jax.tree.flatten(updates)
     plan = plan_of(updates)
-    finite = _tree.tree_all_finite(leaves)
     leaves, shardings = _sh.replicate_leaves(leaves)
-    g32 = [jnp.where(finite, x, 0).astype(jnp.float32) for x in leaves]
+    g32 = [x.astype(jnp.float32) for x in leaves]
     mu_leaves, _ = _sh.replicate_leaves(jax.tree.leaves(state.mu))
     nud_leaves, _ = _sh.replicate_leaves(jax.tree.leaves(state.nu_diag))
     t = state.count
@@ -280,14 +283,11 @@ def scale_by_soap(
     else:
       stats, bases, nu_t = state.stats, state.bases, state.nu
 
-    def keep(new, old):
-      return jnp.where(finite, new, old)
-
-    # The moments keep their value on the first step and on skipped steps;
-    # both selects see the leaf's own sharding.
+    # The moments keep their value on the first step; the select sees the
+    # leaf's own sharding.
     def keep_moment(new, old, sharding):
       new = _sh.restore_sharding(new.astype(old.dtype), sharding)
-      return keep(jnp.where(is_first, old, new), old)
+      return jnp.where(is_first, old, new)
 
     new_mu = [keep_moment(a, b, s) for a, b, s in
               zip(new_mu, jax.tree.leaves(state.mu), shardings)]
@@ -295,16 +295,16 @@ def scale_by_soap(
                for a, b, s in zip(new_nud, jax.tree.leaves(state.nu_diag),
                                   shardings)]
     outs = [_sh.restore_sharding(
-        jnp.where(finite & ~is_first, o, 0).astype(x.dtype), s)
+        jnp.where(is_first, 0, o).astype(x.dtype), s)
             for o, x, s in zip(outs, jax.tree.leaves(updates), shardings)]
     one = jnp.ones([], jnp.int32)
     new_state = SoapState(
-        count=jnp.where(finite, t + one, t),
-        skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
-        stats=tuple(keep(a, b) for a, b in zip(stats, state.stats)),
-        bases=tuple(keep(a, b) for a, b in zip(bases, state.bases)),
+        count=t + one,
+        skipped=state.skipped,
+        stats=tuple(stats),
+        bases=tuple(bases),
         mu=jax.tree.unflatten(treedef, new_mu),
-        nu=tuple(keep(a, b) for a, b in zip(nu_t, state.nu)),
+        nu=tuple(nu_t),
         nu_diag=jax.tree.unflatten(treedef, new_nud))
     return jax.tree.unflatten(treedef, outs), new_state
 
