@@ -134,10 +134,11 @@ def _time_and_compile(task, batch_size, repeats, quick):
     # 10 timed steps hold one Shampoo root refresh and one SOAP basis refresh.
     g = jax.grad(task.loss)(params, task.train_batch(0, batch_size, 0))
     _, state = jax.jit(tx.update)(g, state, params)
-    fn = _scan_steps(task, tx)
     # Compile times on a shared CPU vary by +-20% run to run: take a median.
+    # Each repeat builds a fresh jit, which JAX cannot serve from its cache.
     compile_times = []
     for _ in range(1 if quick else 3):
+      fn = _scan_steps(task, tx)
       t0 = time.perf_counter()
       compiled = fn.lower(params, state, batches).compile()
       compile_times.append(time.perf_counter() - t0)
