@@ -134,7 +134,7 @@ def _time_and_compile(task, batch_size, repeats, quick):
     # 10 timed steps hold one Shampoo root refresh and one SOAP basis refresh.
     g = jax.grad(task.loss)(params, task.train_batch(0, batch_size, 0))
     _, state = jax.jit(tx.update)(g, state, params)
-    # Compile times on a shared CPU vary by +-20% run to run: take a median.
+    # Compile times on a shared CPU vary by 10-20% run to run: take a median.
     # Each repeat builds a fresh jit, which JAX cannot serve from its cache.
     compile_times = []
     for _ in range(1 if quick else 3):
