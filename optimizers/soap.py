@@ -297,9 +297,8 @@ def scale_by_soap(
     outs = [_sh.restore_sharding(
         jnp.where(is_first, 0, o).astype(x.dtype), s)
             for o, x, s in zip(outs, jax.tree.leaves(updates), shardings)]
-    one = jnp.ones([], jnp.int32)
     new_state = SoapState(
-        count=t + one,
+        count=t + 1,
         skipped=state.skipped,
         stats=tuple(stats),
         bases=tuple(bases),

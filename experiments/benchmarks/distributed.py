@@ -174,7 +174,7 @@ def _bytes_rows(task, params, mesh, quick):
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from gradax import distributed as gd  # pylint: disable=g-import-not-at-top
-  from gradax.distributed.data_parallel import place_batch  # pylint: disable=g-import-not-at-top
+  from gradax.distributed.data_parallel import num_elements, place_batch  # pylint: disable=g-import-not-at-top
 
   H = 100
   batch = task.train_batch(0, 2 * REPLICAS, 0)
@@ -183,7 +183,7 @@ def _bytes_rows(task, params, mesh, quick):
   dp_bytes = gd.comm_bytes(dp.step.jitted(s), s,
                            place_batch(batch, mesh)).wire_bytes
 
-  d = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  d = num_elements(params)
   dl = gd.diloco(task.loss, optax.adamw(1e-3), mesh, H,
                  compressor=_diloco_int8(params))
   s = dl.init(params)
