@@ -25,6 +25,15 @@ from jax import lax
 
 METHODS = ("eigh", "newton")
 
+# Roots need true float32 products: JAX's default lets GPUs use TF32 (10-bit
+# mantissa) for float32 matmuls, which stalls Newton near 1e-3 and skews the
+# eigh root.
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _matmul(a, b):
+  return jnp.matmul(a, b, precision=_HIGHEST)
+
 
 class RootResult(NamedTuple):
   """A batch of inverse roots with their diagnostics.
@@ -104,10 +113,10 @@ def _mat_power(m, p: int):
   base = m
   while p:
     if p & 1:
-      result = base if result is None else result @ base
+      result = base if result is None else _matmul(result, base)
     p >>= 1
     if p:
-      base = base @ base
+      base = _matmul(base, base)
   return result
 
 
@@ -123,12 +132,12 @@ def power_iteration_max_eig(a: jax.Array, num_iters: int = 20) -> jax.Array:
   v = a[..., 0] * 0.0 + 1.0 + jnp.linspace(0.0, 0.5, n, dtype=a.dtype)
 
   def body(_, v):
-    w = jnp.einsum("...ij,...j->...i", a, v)
+    w = jnp.einsum("...ij,...j->...i", a, v, precision=_HIGHEST)
     return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-30)
 
   v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
   v = lax.fori_loop(0, num_iters, body, v)
-  return jnp.einsum("...i,...ij,...j->...", v, a, v)
+  return jnp.einsum("...i,...ij,...j->...", v, a, v, precision=_HIGHEST)
 
 
 def _eigh_root(a, p, ridge_epsilon, relative_ridge):
@@ -138,8 +147,8 @@ def _eigh_root(a, p, ridge_epsilon, relative_ridge):
       lam_max, ridge_epsilon)
   w_pos = jnp.maximum(w, 0.0)
   scale = (w_pos + ridge[..., None]) ** (-1.0 / p)
-  root = jnp.einsum("...ij,...j,...kj->...ik", q, scale, q)
-  recon = jnp.einsum("...ij,...j,...kj->...ik", q, w, q)
+  root = jnp.einsum("...ij,...j,...kj->...ik", q, scale, q, precision=_HIGHEST)
+  recon = jnp.einsum("...ij,...j,...kj->...ik", q, w, q, precision=_HIGHEST)
   error = jnp.linalg.norm(recon - a, axis=(-2, -1)) / jnp.maximum(
       jnp.linalg.norm(a, axis=(-2, -1)), 1e-30)
   return root, error, lam_max
@@ -170,8 +179,8 @@ def _newton_root(a, p, ridge_epsilon, relative_ridge, num_iters, tolerance):
   def body(carry):
     i, m, x, err, done = carry
     m_i = ((p + 1.0) * eye - m) / p
-    x_new = x @ m_i
-    m_new = _mat_power(m_i, p) @ m
+    x_new = _matmul(x, m_i)
+    m_new = _matmul(_mat_power(m_i, p), m)
     err_new = jnp.max(jnp.abs(m_new - eye), axis=(-2, -1))
     # Accept while the error does not grow much; stop a matrix once it stalls.
     accept = jnp.logical_and(jnp.logical_not(done), err_new < 1.2 * err)

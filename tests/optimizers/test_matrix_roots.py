@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gradax as gx
 from gradax.optimizers import matrix_roots as mr
 
 
@@ -135,3 +136,22 @@ def test_one_matrix_per_call_on_cpu_matches_batched_and_is_unbatched():
   calls = [l for l in per_call.lower(a).as_text().splitlines()
            if "lapack_ssyevd" in l]
   assert calls and all('num_batch_dims = "0"' in l for l in calls), calls
+
+
+@pytest.mark.parametrize("build", [
+    lambda: gx.optimizers.shampoo(1e-3, root_method="newton"),
+    lambda: gx.optimizers.shampoo(1e-3, root_method="eigh"),
+    lambda: gx.optimizers.soap(1e-3),
+], ids=["shampoo-newton", "shampoo-eigh", "soap"])
+def test_every_matmul_asks_for_full_float32(build):
+  # JAX's default precision lets GPUs run float32 matmuls in TF32 (10-bit
+  # mantissa): Newton then stalls near 1e-3 and the preconditioner drifts.
+  # CPU computes float32 either way, so check the lowered program instead.
+  params = {"w": jnp.ones((16, 24)), "b": jnp.ones((24,)),
+            "t": jnp.ones((4, 6, 8))}
+  tx = build()
+  text = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
+  dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+  assert dots, "expected matmuls in the lowered update"
+  loose = [line.strip()[:120] for line in dots if "HIGHEST" not in line]
+  assert not loose, loose
