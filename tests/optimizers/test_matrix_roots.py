@@ -83,7 +83,8 @@ def test_newton_zero_matrix_does_not_hold_the_batch():
                               method="newton", num_newton_iters=100)
   assert 0 < int(alone.iterations) < 40
   assert int(batch.iterations) == int(alone.iterations)
-  np.testing.assert_array_equal(batch.root[1], alone.root[0])
+  # Equal up to rounding: GPU kernels pick different code paths per batch size.
+  np.testing.assert_allclose(batch.root[1], alone.root[0], rtol=1e-4, atol=1e-6)
   assert list(np.asarray(batch.ok)) == [False, True]
 
 
@@ -133,8 +134,9 @@ def test_one_matrix_per_call_on_cpu_matches_batched_and_is_unbatched():
       jnp.einsum("...ij,...j,...kj->...ik", q, w, q), a, rtol=1e-4, atol=1e-4)
   r_q, r_r = mr.one_matrix_per_call_on_cpu(jnp.linalg.qr, x)
   np.testing.assert_allclose(r_q @ r_r, x, rtol=1e-5, atol=1e-5)
-  calls = [l for l in per_call.lower(a).as_text().splitlines()
-           if "lapack_ssyevd" in l]
+  # Lowered for CPU explicitly, so the check also holds on a GPU host.
+  cpu_text = per_call.trace(a).lower(lowering_platforms=("cpu",)).as_text()
+  calls = [l for l in cpu_text.splitlines() if "lapack_ssyevd" in l]
   assert calls and all('num_batch_dims = "0"' in l for l in calls), calls
 
 
