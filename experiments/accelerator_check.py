@@ -116,20 +116,8 @@ def roots(quick: bool, accelerator, cpu) -> dict[str, Any]:
   return out
 
 
-def _train_scan(task, tx):
-  def run(params, state, batches):
-    def body(carry, batch):
-      p, s = carry
-      loss, g = jax.value_and_grad(task.loss)(p, batch)
-      u, s = tx.update(g, s, p)
-      return (optax.apply_updates(p, u), s), loss
-    return jax.lax.scan(body, (params, state), batches)
-  return jax.jit(run)
-
-
 def _batches(task, steps: int, batch_size: int):
-  batches = [task.train_batch(t, batch_size, 0) for t in range(steps)]
-  return jax.tree.map(lambda *x: np.stack(x), *batches)
+  return benchlib.stack_batches([task.train_batch(t, batch_size, 0) for t in range(steps)])
 
 
 def agreement(quick: bool, accelerator, cpu) -> dict[str, Any]:
@@ -143,7 +131,7 @@ def agreement(quick: bool, accelerator, cpu) -> dict[str, Any]:
         with jax.default_device(device):
           params = task.init(jax.random.key(0))
           tx = make()
-          (p, _), losses = _train_scan(task, tx)(params, tx.init(params), batches)
+          (p, _), losses = benchlib.train_scan(task.loss, tx)(params, tx.init(params), batches)
           final[where] = (jax.device_get(p), float(losses[-1]))
       flat = [np.concatenate([np.ravel(np.asarray(x, np.float64))
                               for x in jax.tree.leaves(final[w][0])])
@@ -178,7 +166,7 @@ def speed(task_options: dict[str, int], batch_size: int) -> dict[str, Any]:
     # One step first: SOAP's first step only builds its bases.
     g = jax.grad(task.loss)(params, task.train_batch(0, batch_size, 0))
     _, state = jax.jit(tx.update)(g, state, params)
-    fn = _train_scan(task, tx)
+    fn = benchlib.train_scan(task.loss, tx)
     start = time.perf_counter()
     compiled = fn.lower(params, state, batches).compile()
     compile_s = time.perf_counter() - start

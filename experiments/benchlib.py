@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
+import optax
 
 
 def block(tree: Any) -> Any:
@@ -56,6 +58,36 @@ def median_time(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: in
     block(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def train_scan(loss_fn: Callable[..., Any], tx: Any) -> Callable[..., Any]:
+  """A jitted ``lax.scan`` of optax training steps over stacked batches.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    tx: an optax ``GradientTransformation``.
+
+  Returns:
+    ``run(params, state, batches) -> ((params, state), losses)``, where
+    ``batches`` has a leading step axis (see ``stack_batches``).
+
+  Example:
+    >>> run = train_scan(task.loss, optax.adamw(1e-3))
+    >>> (params, state), losses = run(params, tx.init(params), batches)
+  """
+  def run(params, state, batches):
+    def step(carry, batch):
+      p, s = carry
+      loss, g = jax.value_and_grad(loss_fn)(p, batch)
+      u, s = tx.update(g, s, p)
+      return (optax.apply_updates(p, u), s), loss
+    return jax.lax.scan(step, (params, state), batches)
+  return jax.jit(run)
+
+
+def stack_batches(batches: list[Any]) -> Any:
+  """Stacks a list of batch pytrees along a new leading step axis (numpy)."""
+  return jax.tree.map(lambda *x: np.stack(x), *batches)
 
 
 def run_on_cpu_devices(module: str, quick: bool, devices: int) -> list[dict]:

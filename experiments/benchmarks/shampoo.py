@@ -101,28 +101,13 @@ def _row(measure, task, optimizer, value, unit, vs_adamw, target=None,
           "met": "" if met is None else bool(met), "note": note}
 
 
-def _scan_steps(task, tx):
-  def run(params, state, batches):
-    def body(c, b):
-      p, s = c
-      loss, g = jax.value_and_grad(task.loss)(p, b)
-      u, s = tx.update(g, s, p)
-      return (optax.apply_updates(p, u), s), loss
-    return jax.lax.scan(body, (params, state), batches)
-  return jax.jit(run)
-
-
-def _stack(batches):
-  return jax.tree.map(lambda *x: np.stack(x), *batches)
-
-
 def _nbytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def _time_and_compile(task, batch_size, repeats, quick):
   params = task.init(jax.random.key(0))
-  batches = _stack([task.train_batch(t, batch_size, 0) for t in range(10)])
+  batches = benchlib.stack_batches([task.train_batch(t, batch_size, 0) for t in range(10)])
   out = {}
   names = ("adamw", "shampoo") if quick else ("adamw", "shampoo", "soap")
   for name, make in _factories(task.name).items():
@@ -138,7 +123,7 @@ def _time_and_compile(task, batch_size, repeats, quick):
     # Each repeat builds a fresh jit, which JAX cannot serve from its cache.
     compile_times = []
     for _ in range(1 if quick else 3):
-      fn = _scan_steps(task, tx)
+      fn = benchlib.train_scan(task.loss, tx)
       t0 = time.perf_counter()
       compiled = fn.lower(params, state, batches).compile()
       compile_times.append(time.perf_counter() - t0)
@@ -186,12 +171,12 @@ def _state_bytes(task):
 def _eval_curve(task, tx, steps, eval_every, batch_size):
   params = task.init(jax.random.key(0))
   state = tx.init(params)
-  fn = _scan_steps(task, tx)
+  fn = benchlib.train_scan(task.loss, tx)
   metric = jax.jit(task.metrics)
   evalb = task.eval_batch()
   losses = []
   for start in range(0, steps, eval_every):
-    batches = _stack([task.train_batch(t, batch_size, 0)
+    batches = benchlib.stack_batches([task.train_batch(t, batch_size, 0)
                       for t in range(start, start + eval_every)])
     (params, state), _ = fn(params, state, batches)
     losses.append(float(metric(params, evalb)["loss"]))
