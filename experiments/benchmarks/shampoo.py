@@ -177,7 +177,7 @@ def _eval_curve(task, tx, steps, eval_every, batch_size):
   losses = []
   for start in range(0, steps, eval_every):
     batches = benchlib.stack_batches([task.train_batch(t, batch_size, 0)
-                      for t in range(start, start + eval_every)])
+                                      for t in range(start, start + eval_every)])
     (params, state), _ = fn(params, state, batches)
     losses.append(float(metric(params, evalb)["loss"]))
   return np.asarray(losses)
