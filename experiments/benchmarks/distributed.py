@@ -23,7 +23,7 @@ fewer):
    AdamW, outer Nesterov SGD, the int8 pseudo-gradient of row 1, so both
    rows describe the same method) and DeMo (the same wire format as row 1)
    against data-parallel AdamW. Each method runs its best setting at that
-   length from the sweeps listed above ``LOSS_SETTINGS``. The corpus is
+   length from the sweeps listed above ``DP_LOSS``. The corpus is
    small (343 KB, about 84 steps per epoch), so both lengths are many
    epochs (14 and 28) and weight decay decides much of the final loss:
    without it data parallel is worse at 2400 steps than at 1200. At 1200
@@ -158,11 +158,8 @@ DILOCO_LOSS = {"sync_every": 10, "learning_rate": 3e-3,
                "weight_decay": 0.05}
 DEMO_LOSS = {"learning_rate": 6e-3, "schedule": "cosine",
              "compression_decay": 0.99, "weight_decay": 0.1}
-LOSS_SETTINGS = {
-    steps: {"dp": dict(DP_LOSS, weight_decay=dp_weight_decay),
-            "diloco": DILOCO_LOSS, "demo": DEMO_LOSS}
-    for steps, dp_weight_decay in ((1200, 0.1), (2400, 0.3))
-}
+# Loss-row lengths (steps) and data parallel's best weight decay at each.
+DP_WEIGHT_DECAY = {1200: 0.1, 2400: 0.3}
 
 
 def _learning_rate(setting, steps):
@@ -182,7 +179,7 @@ def _adamw(setting, steps):
   import optax  # pylint: disable=g-import-not-at-top
 
   tx = optax.adamw(_learning_rate(setting, steps), b2=setting["b2"],
-                   weight_decay=setting.get("weight_decay", 1e-4))
+                   weight_decay=setting["weight_decay"])
   if setting["clip"]:
     tx = optax.chain(optax.clip_by_global_norm(setting["clip"]), tx)
   return tx
@@ -253,20 +250,21 @@ def _setting_name(setting):
 
 def _loss_rows(task, params, mesh, quick):
   # quick: one tiny run of every code path.
-  lengths = ([(8, next(iter(LOSS_SETTINGS.values())))] if quick
-             else LOSS_SETTINGS.items())
-  return [row for steps, settings in lengths
-          for row in _loss_rows_at(task, params, mesh, steps, settings, quick)]
+  lengths = ([(8, next(iter(DP_WEIGHT_DECAY.values())))] if quick
+             else DP_WEIGHT_DECAY.items())
+  return [row for steps, dp_weight_decay in lengths
+          for row in _loss_rows_at(task, params, mesh, steps,
+                                   dict(DP_LOSS, weight_decay=dp_weight_decay),
+                                   quick)]
 
 
-def _loss_rows_at(task, params, mesh, steps, settings, quick):
+def _loss_rows_at(task, params, mesh, steps, dp_set, quick):
   """DiLoCo and DeMo against data parallel after ``steps`` matched steps."""
   import jax  # pylint: disable=g-import-not-at-top
   from gradax import distributed as gd  # pylint: disable=g-import-not-at-top
   from gradax.distributed.diloco import default_outer_optimizer  # pylint: disable=g-import-not-at-top
 
-  dp_set, diloco_set, demo_set = (settings[k] for k in ("dp", "diloco", "demo"))
-  H = 4 if quick else diloco_set["sync_every"]
+  H = 4 if quick else DILOCO_LOSS["sync_every"]
   batch_size = 4 * REPLICAS if quick else 8 * REPLICAS
   batches = [task.train_batch(t, batch_size, 0) for t in range(steps)]
   eval_fn = jax.jit(lambda p: task.metrics(p, task.eval_batch())["loss"])
@@ -283,22 +281,22 @@ def _loss_rows_at(task, params, mesh, steps, settings, quick):
         jax.block_until_ready(s)   # one collective program in flight (CPU)
     return float(eval_fn(alg.eval_params(s)))
 
-  outer_lr, outer_momentum = (diloco_set["outer_learning_rate"],
-                              diloco_set["outer_momentum"])
+  outer_lr, outer_momentum = (DILOCO_LOSS["outer_learning_rate"],
+                              DILOCO_LOSS["outer_momentum"])
   dp_loss = train(gd.data_parallel(task.loss, _adamw(dp_set, steps), mesh))
   rows = []
   for method, alg in (
-      (f"diloco_H{H}_int8_adamw_{_setting_name(diloco_set)}_outer_nesterov_"
+      (f"diloco_H{H}_int8_adamw_{_setting_name(DILOCO_LOSS)}_outer_nesterov_"
        f"{outer_lr:g}/{outer_momentum:g}",
-       gd.diloco(task.loss, _adamw(diloco_set, steps), mesh, H,
+       gd.diloco(task.loss, _adamw(DILOCO_LOSS, steps), mesh, H,
                  outer_optimizer=default_outer_optimizer(outer_lr,
                                                          outer_momentum),
                  compressor=_diloco_int8(params))),
-      (f"demo_top{DEMO_WIRE['topk']}_bf16_{_setting_name(demo_set)}_"
-       f"decay{demo_set['compression_decay']:g}",
-       gd.demo(task.loss, _learning_rate(demo_set, steps), mesh,
-               compression_decay=demo_set["compression_decay"],
-               weight_decay=demo_set.get("weight_decay", 0.0),
+      (f"demo_top{DEMO_WIRE['topk']}_bf16_{_setting_name(DEMO_LOSS)}_"
+       f"decay{DEMO_LOSS['compression_decay']:g}",
+       gd.demo(task.loss, _learning_rate(DEMO_LOSS, steps), mesh,
+               compression_decay=DEMO_LOSS["compression_decay"],
+               weight_decay=DEMO_LOSS["weight_decay"],
                **DEMO_WIRE))):
     loss = train(alg)
     ratio = loss / dp_loss
