@@ -24,8 +24,10 @@ from gradax.distributed import stragglers
 from gradax.distributed.stragglers import (
     DynamicBackupWorkers, GradientCode, TimeModel)
 from gradax.distributed.compressors import (
-    Compressor, cast, identity, int8, int_quantize, onebit, qsgd, rand_k,
-    scaled_sign, terngrad, top_k)
+    Compressor, cast, fixed_point, identity, int8, int_quantize, onebit, qsgd,
+    rand_k, scaled_sign, terngrad, top_k)
+from gradax.distributed.delayed_scaling import (
+    DelayedScalingState, delayed_scaling_reducer)
 from gradax.distributed.powersgd import powersgd
 from gradax.distributed.dct import dct_topk
 from gradax.distributed.collectives import (

@@ -62,6 +62,7 @@ from gradax.distributed import compressors as _comp
 from gradax.distributed import robust as _robust
 from gradax.distributed.co2 import co2
 from gradax.distributed.data_parallel import TrainAlgorithm, data_parallel
+from gradax.distributed.delayed_scaling import delayed_scaling_reducer
 from gradax.distributed.demo import demo
 from gradax.distributed.diloco import diloco
 from gradax.distributed.eager_updates import eager_diloco
@@ -74,13 +75,16 @@ COMPRESSORS = {
     "bf16": lambda: _comp.cast("bf16"),
     "fp16": lambda: _comp.cast("fp16"),
     "int8": _comp.int8,
+    # int8 codes with scales from the last mean (no scale bytes; a Reducer).
+    "int8_delayed": delayed_scaling_reducer,
     "int4": lambda: _comp.int_quantize(4),
     "onebit": _comp.onebit,
 }
 
 
 def parse_compressor(spec: Any) -> Any:
-  """A compressor from a name in :data:`COMPRESSORS` (objects pass through)."""
+  """A compressor (or, for ``int8_delayed``, a Reducer) from a name in
+  :data:`COMPRESSORS`; objects pass through."""
   if spec is None or not isinstance(spec, str):
     return spec
   if spec not in COMPRESSORS:

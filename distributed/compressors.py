@@ -324,6 +324,48 @@ def int8(block_size: int = 256, stochastic: bool = False) -> Compressor:
   return int_quantize(8, block_size, stochastic)
 
 
+def fixed_point(bits: int = 8) -> Compressor:
+  """Integer codes with a unit step and no scale on the wire.
+
+  x_hat = clip(round(x), -L, L) with L = 2^(bits-1) - 1; codes are packed
+  ``8 // bits`` per byte, so a payload is exactly ``ceil(d * bits / 8)``
+  bytes. The caller picks the resolution by dividing x by a step every
+  worker already knows (see
+  :func:`gradax.distributed.delayed_scaling_reducer`, which derives it from
+  the previous round's mean, so no scale is ever sent).
+
+  Args:
+    bits: 2, 4 or 8.
+
+  Returns:
+    A non-linear :class:`Compressor` (codes must not be psummed).
+
+  Example:
+    >>> comp = fixed_point(8)
+    >>> payload, _ = comp.encode(x / step, (), None)   # step known to all
+    >>> x_hat = comp.decode(payload, x.shape) * step
+  """
+  if bits not in (2, 4, 8):
+    raise ValueError(f"bits must be one of 2, 4, 8; got {bits!r}.")
+  levels = (1 << (bits - 1)) - 1
+
+  def encode(x, state, key):
+    del key
+    q = jnp.clip(jnp.round(_flat(x)), -levels, levels).astype(jnp.int32)
+    return {"codes": _pack_codes((q + levels).astype(jnp.uint8), bits)}, state
+
+  def decode(payload, shape):
+    d = _size(shape)
+    q = _unpack_codes(payload["codes"], bits, d).astype(jnp.int32) - levels
+    return q.astype(jnp.float32).reshape(shape)
+
+  return Compressor(
+      name=f"fixed_int{bits}", init=lambda shape: (), encode=encode,
+      decode=decode, payload_nbytes=lambda shape: _packed_len(_size(shape),
+                                                             bits),
+      linear=False, chunk_multiple=8 // bits)
+
+
 # ---------------------------------------------------------------------------
 # scaled sign
 

@@ -30,6 +30,8 @@ ALL = {
     "int8": gd.int8(block_size=64),
     "int4": gd.int_quantize(4, block_size=32),
     "int2": gd.int_quantize(2, block_size=32),
+    "fixed_int8": gd.fixed_point(8),
+    "fixed_int4": gd.fixed_point(4),
     "sign_l1": gd.scaled_sign("l1"),
     "sign_rms": gd.onebit(),
     "topk": gd.top_k(37),
@@ -43,7 +45,7 @@ ALL = {
 
 CASES = [(n, (24, 20)) for n in sorted(ALL)] + [
     (n, (77,)) for n in ("int4", "int2", "sign_l1", "terngrad", "powersgd",
-                         "dct", "qsgd")]
+                         "dct", "qsgd", "fixed_int4")]
 
 
 @pytest.mark.parametrize("name,shape", CASES)
@@ -127,6 +129,16 @@ def test_exact_round_trips():
   # DCT top-k with every coefficient kept is the identity (orthonormal DCT)
   comp = gd.dct_topk(k=64, chunk=8)
   np.testing.assert_allclose(_rt(comp, x)[1], x, atol=1e-5)
+
+
+def test_fixed_point_rounds_to_the_unit_grid_and_clips():
+  x = jnp.array([0.2, 0.7, -1.4, 2.5, 126.6, 300.0, -1e9, 3.0])
+  for bits, levels in ((8, 127), (4, 7), (2, 1)):
+    payload, y = _rt(gd.fixed_point(bits), x)
+    expected = np.clip(np.round(np.asarray(x)), -levels, levels)
+    np.testing.assert_array_equal(np.asarray(y), expected)
+    assert set(payload) == {"codes"}          # no scale travels
+    assert payload["codes"].nbytes == math.ceil(x.size * bits / 8)
 
 
 def test_dct_matches_scipy_free_reference():
@@ -229,6 +241,8 @@ def test_bad_arguments_name_the_argument():
     gd.int_quantize(bits=3)
   with pytest.raises(ValueError, match="block_size"):
     gd.int8(block_size=0)
+  with pytest.raises(ValueError, match="bits must be one of 2, 4, 8; got 16"):
+    gd.fixed_point(16)
   with pytest.raises(ValueError, match=r"levels must be an integer in \[1, 127\]; got 200"):
     gd.qsgd(levels=200)
   with pytest.raises(ValueError, match="clip_sigma"):

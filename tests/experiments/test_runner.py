@@ -242,9 +242,13 @@ def test_algorithm_data_parallel_matches_plain_step(reference, tmp_path):
 
 
 def test_algorithm_run_resumes_identically(tmp_path):
-  """A DiLoCo run stopped midway and rerun equals an uninterrupted one, bytes included."""
+  """A DiLoCo run stopped midway and rerun equals an uninterrupted one, bytes included.
+
+  The delayed-scaling int8 reducer carries state that decides the next
+  round's codes (per-block steps, worker and server error), so resuming
+  without it would diverge."""
   cfg = dict(optimizers="sgd", learning_rate=0.1, steps=12, checkpoint_every=4,
-             algorithm="diloco:sync_every=4:compressor=int8")
+             algorithm="diloco:sync_every=4:compressor=int8_delayed")
   runner.run_experiment(_cfg(tmp_path / "full", **cfg))
   runner.run_experiment(_cfg(tmp_path / "cut", stop_after_step=6, **cfg))
   runner.run_experiment(_cfg(tmp_path / "cut", **cfg))
