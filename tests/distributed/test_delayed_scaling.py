@@ -228,3 +228,28 @@ def test_diloco_h100_sends_400x_fewer_bytes_than_f32_data_parallel(
 def test_bad_arguments_name_the_argument(kwargs, match):
   with pytest.raises(ValueError, match=match):
     gd.delayed_scaling_reducer(**kwargs)
+
+
+def test_data_parallel_sgd_with_the_reducer_tracks_the_exact_mean(
+    linear_problem):
+  mesh, params, batches = linear_problem(3, 6, 3, 20, 16)
+
+  def loss(p, b):
+    return jnp.mean((b["x"] @ p["w"] + p["b"] - b["y"]) ** 2)
+
+  def train(reducer):
+    alg = gd.data_parallel(loss, optax.sgd(0.05), mesh, reducer=reducer)
+    s = alg.init(params)
+    for b in batches:
+      s, _ = alg.step(s, b)
+    return alg.eval_params(s)
+
+  exact = train("mean")
+  approx = train(gd.delayed_scaling_reducer(initial_amax=10.0))
+  moved = max(float(np.abs(np.asarray(exact[k] - params[k])).max())
+              for k in params)
+  gap = max(float(np.abs(np.asarray(exact[k] - approx[k])).max())
+            for k in params)
+  # Error feedback keeps the accumulated rounding error at about one step
+  # (measured 0.36% of the distance moved; 2.0% without error feedback).
+  assert moved > 1.0 and gap < 0.01 * moved
