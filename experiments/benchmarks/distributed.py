@@ -163,6 +163,13 @@ DEMO_WIRE = {"topk": 16, "chunk": 64, "value_dtype": "bf16",
 #   2400 steps: delayed h4 1.4914 (119 s; absmax was 1.4915), h8 1.4969,
 #     h4 block 4096 1.4643: the wire-format variants act like reseeds and
 #     all three are within 1.03x of data parallel's 1.4652.
+#   The full benchmark on this session's fresh install (same jax 0.10.2)
+#   gave DP 1.4845 at 2400 steps (1.4652 before; runs are deterministic
+#   within an install but these trajectories amplify tiny numeric changes),
+#   DiLoCo 1.4914 (1.005x), DeMo 1.4954 (1.007x); at 1200 steps DP 1.4687,
+#   DiLoCo 1.5362 (1.046x), DeMo 1.5755 (1.073x; 1.5415 before).
+#   Another seed (data order and init both 1), 2400 steps: DP 1.4713,
+#   DiLoCo 1.4792 (1.005x), DeMo 1.4833 (1.008x).
 # Each length's best setting per method: DiLoCo's and DeMo's are the same at
 # both lengths; data parallel's best weight decay grows with the length.
 DP_LOSS = {"learning_rate": 1.5e-2, "schedule": "cosine", "b2": 0.95,
