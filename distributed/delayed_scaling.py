@@ -23,8 +23,8 @@ log_headroom(true / guess) saturated rounds (both are recovered by error
 feedback). For a pseudo-gradient of H Adam-type steps of rate η, |Δ_i| ≲ H·η.
 
 Per round and device the wire carries 2(n−1)/n · d bytes for int8 (ring
-model), exactly a quarter of an f32 all-reduce: DiLoCo with H=100 sends 400x
-fewer bytes per step than f32 data parallel.
+model), a quarter of an f32 all-reduce (up to padding d to n equal chunks):
+DiLoCo with H=100 sends 400x fewer bytes per step than f32 data parallel.
 
 References: delayed scaling from the previous iterations' amax as in FP8
 training (Micikevicius et al., "FP8 Formats for Deep Learning", 2022,

@@ -32,7 +32,7 @@ fewer):
    1.03x target applies to the final loss at ``TARGET_STEPS`` (2400), where
    with every method's weight decay tuned both are within it; the 1200-step
    rows (no target) show that at half the length DiLoCo (H=10) and DeMo
-   still trail by 4-5%. DiLoCo's H (10) is the loss rows'; the bytes row
+   still trail by 4-7%. DiLoCo's H (10) is the loss rows'; the bytes row
    uses H=100 with the same int8 format.
 3. simulated time-to-target of SGD on a noisy least-squares problem with 16
    workers whose step times are shifted-exponential with 10% x6 slowdowns:
