@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradax.distributed import collectives
-from gradax.distributed.compressors import fixed_point
+from gradax.distributed.compressors import _check_int, fixed_point
 from gradax.distributed.data_parallel import Reducer, compressed_nbytes
 
 
@@ -62,12 +62,8 @@ class DelayedScalingState(NamedTuple):
   pmean: Any
 
 
-def _check(initial_amax, bits, block_size, headroom):
-  if bits not in (2, 4, 8):
-    raise ValueError(f"bits must be one of 2, 4, 8; got {bits!r}.")
-  if (isinstance(block_size, bool) or not isinstance(block_size, int)
-      or block_size < 1):
-    raise ValueError(f"block_size must be an integer >= 1; got {block_size!r}.")
+def _check(initial_amax, block_size, headroom):
+  _check_int("block_size", block_size, 1)
   if not (isinstance(initial_amax, (int, float)) and math.isfinite(initial_amax)
           and initial_amax > 0):
     raise ValueError(
@@ -126,9 +122,9 @@ def delayed_scaling_reducer(initial_amax: float = 1.0, bits: int = 8,
     >>> red = delayed_scaling_reducer(initial_amax=100 * 1e-3)  # H · lr
     >>> alg = diloco(loss, optax.adamw(1e-3), mesh, 100, compressor=red)
   """
-  _check(initial_amax, bits, block_size, headroom)
+  comp = fixed_point(bits)   # validates bits
+  _check(initial_amax, block_size, headroom)
   levels = (1 << (bits - 1)) - 1
-  comp = fixed_point(bits)
 
   def blocks(d):
     return -(-d // block_size)
